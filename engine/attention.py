@@ -1,0 +1,38 @@
+"""Attention over fresh keys (prefill/scoring) or over a cache (decode/verify), masked by positions.
+
+Visibility is one rule everywhere: key position kp is visible to query position qp iff
+0 <= kp <= qp and (no window, or kp > qp - window). The PyTorch path below is the reference and
+the CPU path; on CUDA the decode path goes to the Triton kernel in `kernels/decode_attention.py`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """q_pos [B, T], k_pos [B, S] -> bool [B, 1, T, S]. Padding queries (q_pos < 0) see every key
+    so their softmax stays finite; their outputs are never used."""
+    qp = q_pos[:, :, None]
+    kp = k_pos[:, None, :]
+    ok = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        ok &= kp > qp - window
+    ok |= qp < 0
+    return ok[:, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+           softcap: float | None) -> torch.Tensor:
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D], mask [B, 1, T, S] bool -> [B, Hq, T, D]."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)

@@ -1,0 +1,65 @@
+"""Static, preallocated KV caches, one per layer that owns K/V (KV-shared layers read their source's).
+
+Layout per cache layer: k, v [B, Hkv, S, D] and `slot_pos` [B, S] int32, the absolute position held in
+each slot (-1 = empty). Sliding layers keep a ring buffer of S = window + MAX_DRAFT_TOKENS + 1 slots
+(slot = pos % S): the spare slots let a verify step write K+1 draft positions without evicting keys a
+query of that step still needs, so rejected drafts never force a re-prefill. Full layers keep a linear
+cache of S = max_context slots (slot = pos). Because every slot records its position, attention masks
+are computed from positions alone, stale entries from rejected drafts (position > query) are invisible,
+and all shapes are static, so a decode step can be captured as a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import ArchConfig
+from .knobs import MAX_DRAFT_TOKENS
+
+
+class LayerCache:
+    def __init__(self, batch: int, kv_heads: int, slots: int, head_dim: int, ring: bool,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        self.ring = ring
+        self.slots = slots
+        self.k = torch.zeros(batch, kv_heads, slots, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.slot_pos = torch.full((batch, slots), -1, device=device, dtype=torch.int32)
+
+    def slot_of(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions % self.slots if self.ring else positions
+
+    def write(self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """rows [B'], positions [B', T] (all >= 0), k/v [B', T, Hkv, D] -> scatter into the slots."""
+        slots = self.slot_of(positions).long()
+        b = rows.long()[:, None].expand_as(slots)
+        self.k[b, :, slots] = k
+        self.v[b, :, slots] = v
+        self.slot_pos[b, slots] = positions.to(torch.int32)
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        self.slot_pos[rows.long()] = -1
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2 + self.slot_pos.numel() * 4
+
+
+class KVCache:
+    """All cache layers of a model for `batch` streams."""
+
+    def __init__(self, arch: ArchConfig, batch: int, max_context: int, window: int | None,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        self.batch = batch
+        self.max_context = max_context
+        self.window = window
+        self.layers: dict[int, LayerCache] = {}
+        for i in arch.cache_layers:
+            ring = arch.is_sliding(i) and window is not None
+            slots = min(window + MAX_DRAFT_TOKENS + 1, max_context) if ring else max_context
+            self.layers[i] = LayerCache(batch, arch.kv_heads[i], slots, arch.head_dims[i], ring, device, dtype)
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        for layer in self.layers.values():
+            layer.reset_rows(rows)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers.values())

@@ -1,0 +1,196 @@
+"""Prefill and decode for a batch of independent streams, with the decode step as a CUDA graph on GPU.
+
+Prompts run in waves of `knobs.batch_size` streams (the challenge's way: that many at a time).
+Each stream is prefilled into its own cache row, then all rows decode together; a row with no
+stream has position -1 and is ignored. With EOS ignored (benchmarks), the decode loop never
+synchronises with the host: tokens accumulate in a device buffer that is read once per wave.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .cache import KVCache
+from .errors import UserError
+from .knobs import MAX_DRAFT_TOKENS, Knobs
+from .sampling import SamplingParams, filtered_probs, sample
+
+__all__ = ["Generator", "GenerationOutput", "SamplingParams"]
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0  # tokens produced by decode steps (the first token of each stream comes from prefill)
+    verify_steps: int = 0
+    accepted_by_position: list[int] = field(default_factory=list)  # speculative: drafts accepted at each depth
+    drafted_steps: int = 0
+    draft_seconds: float = 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """Fraction of draft steps whose d-th drafted token was accepted (d = 1..K)."""
+        return [n / self.drafted_steps for n in self.accepted_by_position] if self.drafted_steps else []
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens committed per target forward in decode (1.0 for plain decoding)."""
+        return self.decode_tokens / self.verify_steps if self.verify_steps else 1.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepGraph:
+    """A captured forward_step of fixed width T (1 = decode, K+1 = verify) over static buffers."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                 batch: int, width: int, device: torch.device) -> None:
+        self.tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
+        self.positions = torch.full((batch, width), -1, dtype=torch.long, device=device)
+        self.fn = fn
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels (and Triton JIT) outside the capture
+                fn(self.tokens, self.positions)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.hidden, self.greedy = fn(self.tokens, self.positions)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.hidden, self.greedy
+
+
+class Generator:
+    def __init__(self, loaded: Any, knobs: Knobs, max_context: int = 4096, use_cuda_graphs: bool = True,
+                 assistant: Any = None) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.arch = loaded.arch
+        self.knobs = knobs
+        self.assistant = assistant
+        self.device = self.model.device
+        self.window = knobs.sliding_window or self.arch.sliding_window
+        self.max_context = max_context
+        for table in self.model.rope.values():
+            table.ensure(max_context + MAX_DRAFT_TOKENS + 1)
+        self.cache = KVCache(self.arch, knobs.batch_size, max_context, self.window, self.device, self.model.dtype)
+        self.use_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[int, StepGraph] = {}
+
+    # ---- steps -------------------------------------------------------------------------
+    def _step_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.forward_step(tokens, positions, self.cache, self.window)
+        return hidden, self.model.greedy(hidden)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One target forward of width T for every cache row -> (hidden [B, T, H], greedy ids [B, T])."""
+        if not self.use_graphs:
+            return self._step_eager(tokens, positions)
+        width = tokens.shape[1]
+        if width not in self._graphs:
+            self._graphs[width] = StepGraph(self._step_eager, self.cache.batch, width, self.device)
+        return self._graphs[width](tokens, positions)
+
+    @torch.inference_mode()
+    def prefill(self, prompt: Sequence[int], row: int) -> torch.Tensor:
+        """Fill cache row `row` with the prompt; returns the last position's hidden state [H]."""
+        n = len(prompt)
+        if n == 0:
+            raise UserError("empty prompt")
+        if n >= self.max_context:
+            raise UserError(f"prompt of {n} tokens does not fit the max context {self.max_context}")
+        ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+        if int(ids.max()) >= self.arch.vocab_size or int(ids.min()) < 0:
+            raise UserError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
+        pos = torch.arange(n, device=self.device)[None]
+        rows = torch.tensor([row], device=self.device)
+        hidden = self.model.forward_fresh(ids, pos, self.window, cache=self.cache, rows=rows)
+        return hidden[0, -1]
+
+    def _pick(self, hidden: torch.Tensor, greedy_ids: torch.Tensor, params: SamplingParams,
+              gen: torch.Generator | None) -> torch.Tensor:
+        if params.greedy:
+            return greedy_ids
+        return sample(filtered_probs(self.model.logits(hidden), params), gen)
+
+    # ---- generation --------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: SamplingParams | None = None, stop_at_eos: bool = False) -> GenerationOutput:
+        params = sampling or SamplingParams()
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens={max_new_tokens}: must be at least 1")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens + MAX_DRAFT_TOKENS + 1 > self.max_context:
+            raise UserError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the max "
+                            f"context {self.max_context}")
+        out = GenerationOutput(tokens=[[] for _ in prompts])
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        B = self.knobs.batch_size
+        for start in range(0, len(prompts), B):
+            wave = list(range(start, min(start + B, len(prompts))))
+            if self.knobs.draft_tokens > 0:
+                from .speculative import speculative_wave
+
+                speculative_wave(self, [prompts[i] for i in wave], wave, max_new_tokens, params, gen, stop_at_eos, out)
+            else:
+                self._plain_wave([prompts[i] for i in wave], wave, max_new_tokens, params, gen, stop_at_eos, out)
+        return out
+
+    def _plain_wave(self, prompts: list[Sequence[int]], idx: list[int], max_new: int, params: SamplingParams,
+                    gen: torch.Generator | None, stop_at_eos: bool, out: GenerationOutput) -> None:
+        B, dev = self.cache.batch, self.device
+        t0 = time.perf_counter()
+        tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        positions = torch.full((B, 1), -1, dtype=torch.long, device=dev)
+        for row, prompt in enumerate(prompts):
+            last = self.prefill(prompt, row)
+            tokens[row, 0] = self._pick(last[None, None], self.model.greedy(last[None, None]), params, gen)[0, 0]
+            positions[row, 0] = len(prompt)
+        _sync(dev)
+        t1 = time.perf_counter()
+        out.prefill_seconds += t1 - t0
+        produced = torch.zeros(B, max_new, dtype=torch.long, device=dev)
+        produced[:, 0] = tokens[:, 0]
+        eos = set(self.arch.eos_token_ids)
+        lengths = [max_new] * B
+        done = [row >= len(prompts) for row in range(B)]
+        steps = 0
+        for t in range(1, max_new):
+            if stop_at_eos:  # one host read per step, only when the caller wants early stops
+                for row, tok in enumerate(tokens[:, 0].tolist()):
+                    if not done[row] and tok in eos:
+                        done[row], lengths[row] = True, t
+                if all(done):
+                    break
+                positions[torch.tensor(done, device=dev)] = -1
+            hidden, greedy_ids = self.step(tokens, positions)
+            tokens = self._pick(hidden, greedy_ids, params, gen)
+            produced[:, t] = tokens[:, 0]
+            positions = torch.where(positions >= 0, positions + 1, positions)
+            steps += 1
+        _sync(dev)
+        out.decode_seconds += time.perf_counter() - t1
+        rows = produced.tolist()
+        for row, i in enumerate(idx):
+            n = min(lengths[row], steps + 1)
+            out.tokens[i] = rows[row][:n]
+            out.decode_tokens += n - 1
+        out.verify_steps += steps * len(prompts)

@@ -1,0 +1,223 @@
+"""The Gemma 3 / Gemma 4 text decoder.
+
+One class runs both families from the frozen `ArchConfig`: Gemma 4's per-layer embeddings (PLE),
+KV sharing, 256/512-dim heads, proportional RoPE, v-norm and layer scalars, and Gemma 3's (1 + w)
+norms and query_pre_attn_scalar. Two forward modes share every layer:
+
+- `forward_fresh`: attention among the given tokens only (teacher-forced scoring and prefill from
+  position 0); with a cache it also writes the K/V of those tokens into the cache rows given.
+- `forward_step`: T (1..K+1) new tokens per stream for every cache row; writes their K/V first,
+  then attends over the cache. Static shapes, so the decode/verify step can be a CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attend, visibility
+from .cache import KVCache
+from .config import FULL, SLIDING, ArchConfig
+from .linear import Linear
+from .rope import RopeTable, apply_rope
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, plus_one: bool) -> torch.Tensor:
+    """Gemma RMSNorm in fp32, cast back (Gemma 4: x*w, Gemma 3: x*(1+w), weight None: scale-free)."""
+    xf = x.float()
+    out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        out = out * (1.0 + weight.float() if plus_one else weight.float())
+    return out.type_as(x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig, i: int, w: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.index = i
+        self.source = arch.kv_source[i]
+        self.owns_kv = self.source == i
+        self.k_eq_v = arch.k_eq_v[i]
+        self.head_dim = arch.head_dims[i]
+        self.num_heads = arch.num_heads
+        self.kv_heads = arch.kv_heads[i]
+        self.layer_type = arch.layer_types[i]
+        p = f"layers.{i}."
+        parts = [w[p + "self_attn.q_proj.weight"]]
+        if self.owns_kv:
+            parts.append(w[p + "self_attn.k_proj.weight"])
+            if not self.k_eq_v:
+                parts.append(w[p + "self_attn.v_proj.weight"])
+        self.split = [t.shape[0] for t in parts]
+        self.qkv = Linear.fused(parts)
+        self.o_proj = Linear(w[p + "self_attn.o_proj.weight"])
+        self.q_norm = _param(w[p + "self_attn.q_norm.weight"])
+        self.k_norm = _param(w[p + "self_attn.k_norm.weight"]) if self.owns_kv else None
+        self.gate_up = Linear.fused([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
+        self.down = Linear(w[p + "mlp.down_proj.weight"])
+        self.norms = nn.ParameterDict({
+            name: _param(w[p + name + ".weight"])
+            for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                         "post_feedforward_layernorm")
+        })
+        self.has_ple = arch.ple_dim > 0
+        if self.has_ple:
+            self.ple_gate = Linear(w[p + "per_layer_input_gate.weight"])
+            self.ple_proj = Linear(w[p + "per_layer_projection.weight"])
+            self.ple_norm = _param(w[p + "post_per_layer_input_norm.weight"])
+        scalar = w.get(p + "layer_scalar")
+        self.layer_scalar = _param(scalar.reshape(1)) if scalar is not None else None
+
+
+class GemmaDecoder(nn.Module):
+    def __init__(self, arch: ArchConfig, weights: dict[str, torch.Tensor], max_positions: int = 4096) -> None:
+        super().__init__()
+        self.arch = arch
+        w = weights
+        self.embed = _param(w["embed_tokens.weight"])
+        self.lm_head = self.embed if arch.tie_word_embeddings else _param(w["lm_head.weight"])
+        self.final_norm = _param(w["norm.weight"])
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, w) for i in range(arch.num_layers))
+        dtype, device = self.embed.dtype, self.embed.device
+        if arch.ple_dim:
+            self.ple_embed = _param(w["embed_tokens_per_layer.weight"])
+            self.ple_model_proj = Linear(w["per_layer_model_projection.weight"])
+            self.ple_proj_norm = _param(w["per_layer_projection_norm.weight"])
+        # The reference multiplies embeddings by the scale cast to the weight dtype (50.5 in bf16).
+        self.embed_scale = float(torch.tensor(arch.embed_scale, dtype=dtype))
+        self.ple_embed_scale = float(torch.tensor(math.sqrt(arch.ple_dim or 1), dtype=dtype))
+        self.rope = {t: RopeTable(arch.rope[t], max_positions, device, dtype) for t in (SLIDING, FULL)}
+
+    # ---- pieces ------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        return rms_norm(x, weight, self.arch.rms_norm_eps, self.arch.norm_plus_one)
+
+    def _embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = F.embedding(tokens, self.embed) * self.embed_scale
+        if not self.arch.ple_dim:
+            return h, None
+        a = self.arch
+        tok = (F.embedding(tokens, self.ple_embed) * self.ple_embed_scale).reshape(*tokens.shape, a.num_layers, a.ple_dim)
+        ctx = self.ple_model_proj(h) * (a.hidden_size ** -0.5)
+        ctx = self._norm(ctx.reshape(*tokens.shape, a.num_layers, a.ple_dim), self.ple_proj_norm)
+        return h, (ctx + tok) * (2.0 ** -0.5)
+
+    def _qkv(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = x.shape
+        parts = layer.qkv(x).split(layer.split, dim=-1)
+        q = parts[0].view(B, T, layer.num_heads, layer.head_dim)
+        q = apply_rope(self._norm(q, layer.q_norm), cos, sin)
+        if not layer.owns_kv:
+            return q, None, None
+        k_raw = parts[1].view(B, T, layer.kv_heads, layer.head_dim)
+        v = k_raw if layer.k_eq_v else parts[2].view(B, T, layer.kv_heads, layer.head_dim)
+        k = apply_rope(self._norm(k_raw, layer.k_norm), cos, sin)
+        if self.arch.has_v_norm:
+            v = self._norm(v, None)
+        return q, k, v
+
+    def _layer_tail(self, layer: DecoderLayer, h: torch.Tensor, attn: torch.Tensor,
+                    per_layer: torch.Tensor | None) -> torch.Tensor:
+        n = layer.norms
+        h = h + self._norm(layer.o_proj(attn), n["post_attention_layernorm"])
+        x = self._norm(h, n["pre_feedforward_layernorm"])
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)
+        h = h + self._norm(layer.down(gelu_tanh(gate) * up), n["post_feedforward_layernorm"])
+        if layer.has_ple:
+            g = gelu_tanh(layer.ple_gate(h)) * per_layer[:, :, layer.index]
+            h = h + self._norm(layer.ple_proj(g), layer.ple_norm)
+        if layer.layer_scalar is not None:
+            h = h * layer.layer_scalar
+        return h
+
+    def _window(self, layer: DecoderLayer, window: int | None) -> int | None:
+        return window if layer.layer_type == SLIDING else None
+
+    # ---- forward modes -----------------------------------------------------------------
+    def forward_fresh(self, tokens: torch.Tensor, positions: torch.Tensor, window: int | None,
+                      cache: KVCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens/positions [B, T] (positions 0..L-1 per stream, -1 for right padding) -> hidden [B, T, H].
+        With `cache`, also writes each stream's K/V into cache row rows[b] (the row is reset first)."""
+        for t in self.rope.values():
+            t.ensure(int(positions.max()) + 1)
+        rope = {t: tab.lookup(positions) for t, tab in self.rope.items()}
+        h, per_layer = self._embed(tokens)
+        masks = {SLIDING: visibility(positions, positions, window), FULL: visibility(positions, positions, None)}
+        fresh_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if cache is not None:
+            cache.reset_rows(rows)
+        for layer in self.layers:
+            cos, sin = rope[layer.layer_type]
+            x = self._norm(h, layer.norms["input_layernorm"])
+            q, k, v = self._qkv(layer, x, cos, sin)
+            if layer.owns_kv:
+                fresh_kv[layer.index] = (k, v)
+                if cache is not None:
+                    self._write_prefill(cache, layer.index, rows, positions, k, v)
+            k, v = fresh_kv[layer.source]
+            o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), masks[layer.layer_type],
+                       self.arch.attn_scale, self.arch.attn_softcap)
+            h = self._layer_tail(layer, h, o.transpose(1, 2).reshape(*h.shape[:2], -1), per_layer)
+        return self._norm(h, self.final_norm)
+
+    @staticmethod
+    def _write_prefill(cache: KVCache, i: int, rows: torch.Tensor, positions: torch.Tensor,
+                       k: torch.Tensor, v: torch.Tensor) -> None:
+        lc = cache.layers[i]
+        for b in range(positions.shape[0]):  # per stream: lengths differ; prefill is not graph-captured
+            n = int((positions[b] >= 0).sum())
+            start = max(0, n - lc.slots) if lc.ring else 0
+            if n > lc.slots and not lc.ring:
+                raise ValueError(f"prompt of {n} tokens exceeds the cache's max context {lc.slots}")
+            lc.write(rows[b:b + 1], positions[b:b + 1, start:n], k[b:b + 1, start:n], v[b:b + 1, start:n])
+
+    def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                     window: int | None) -> torch.Tensor:
+        """tokens/positions [B, T] for all B cache rows (position -1: inactive row) -> hidden [B, T, H].
+        No host synchronisation: safe to capture in a CUDA graph."""
+        rope = {t: tab.lookup(positions) for t, tab in self.rope.items()}
+        h, per_layer = self._embed(tokens)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        write_pos = positions.clamp(min=0)
+        masks: dict[int, torch.Tensor] = {}
+        for layer in self.layers:
+            cos, sin = rope[layer.layer_type]
+            x = self._norm(h, layer.norms["input_layernorm"])
+            q, k, v = self._qkv(layer, x, cos, sin)
+            lc = cache.layers[layer.source]
+            if layer.owns_kv:
+                lc.write(rows, write_pos, k, v)
+            if layer.source not in masks:
+                masks[layer.source] = visibility(positions, lc.slot_pos, self._window(layer, window))
+            o = attend(q.transpose(1, 2), lc.k, lc.v, masks[layer.source], self.arch.attn_scale, self.arch.attn_softcap)
+            h = self._layer_tail(layer, h, o.transpose(1, 2).reshape(*h.shape[:2], -1), per_layer)
+        return self._norm(h, self.final_norm)
+
+    # ---- head --------------------------------------------------------------------------
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits in fp32, final softcap applied (the PPL and sampling path)."""
+        z = F.linear(hidden, self.lm_head).float()
+        cap = self.arch.final_softcap
+        return torch.tanh(z / cap) * cap if cap else z
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Argmax token ids; the softcap is monotonic, so it is skipped."""
+        return F.linear(hidden, self.lm_head).argmax(dim=-1)
