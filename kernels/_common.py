@@ -1,0 +1,70 @@
+"""Shared plumbing for the Triton kernels: optional import, dispatch rule, small heuristics.
+
+Dispatch rule (house style): a kernel's public function runs Triton on CUDA tensors and the
+pure-PyTorch reference everywhere else. CI can force the Triton path onto CPU tensors under
+the interpreter by setting both `TRITON_INTERPRET=1` and `VKAE_TRITON_INTERPRET_TESTS=1`
+*before* `kernels` is imported: `@triton.jit` decides interpreter-vs-compiled at decoration
+time, so flipping the variable later has no effect on already-imported kernels.
+The flags are read once at import so the dispatchers stay free of `os.environ` lookups
+(cheap, and nothing for `torch.compile` to guard on).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: CPU-only installs still get the reference paths.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only on installs without triton
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+FORCE_TRITON_ON_CPU: bool = INTERPRET and os.environ.get("VKAE_TRITON_INTERPRET_TESTS", "0") == "1"
+
+# H100 SXM has 132 SMs; used when no CUDA device is visible (interpreter) so that the
+# heuristics, and therefore the code paths the tests exercise, match the GPU.
+_DEFAULT_SMS = 132
+_SM_CACHE: dict[int, int] = {}
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when this tensor should go to the Triton kernel rather than the reference."""
+    if not HAS_TRITON:
+        return False
+    return t.is_cuda or FORCE_TRITON_ON_CPU
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming-multiprocessor count of `device` (cached; a constant under the interpreter)."""
+    if device.type != "cuda":
+        return _DEFAULT_SMS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_CACHE:
+        _SM_CACHE[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_CACHE[idx]
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def interpreted(kernel: object) -> bool:
+    """Whether a `@triton.jit` object was built for the interpreter (tests use this to detect a
+    module that was imported before `TRITON_INTERPRET=1` was set, and reload it)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def dot_fp32_operands(dtype: torch.dtype) -> bool:
+    """bf16 `tl.dot` is silently wrong under the interpreter (anchors-engines.md §5.2): there the
+    kernels cast bf16 tiles to fp32 before the dot. On the GPU bf16 goes to the tensor cores."""
+    return INTERPRET and dtype == torch.bfloat16

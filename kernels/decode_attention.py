@@ -1,0 +1,250 @@
+"""Decode / speculative-verify attention over a slot-addressed KV cache (ring or linear).
+
+Contract (shared with `engine/attention.py`):
+    q        [B, T, Hq, D]   T = 1..16 query positions per stream (decode or verify)
+    k_cache  [B, Hkv, S, D]  S slots: a sliding layer's ring buffer or a full layer's linear cache
+    v_cache  [B, Hkv, S, D]
+    slot_pos [B, S]  int     absolute position held by each slot, -1 = empty
+    q_pos    [B, T]  int     absolute position of each query, -1 = padding (its output is zeros)
+Key j is visible to query t iff 0 <= slot_pos[j] <= q_pos[t] and (window == 0 or
+slot_pos[j] > q_pos[t] - window). Because visibility is decided per slot from its stored
+position, slot order never matters: a ring needs no unrolling and stale or empty slots are free.
+
+Triton design (SGLang/LightLLM "grouped" flash-decoding, plus windows and ring slots):
+  * one program owns a (batch, kv head, row block, KV split); its rows are all T x G queries
+    that share the kv head, so each K/V tile is read from HBM once per kv head, not per q head;
+  * keys that no row of the tile can see are not loaded at all (masked loads): a huge linear
+    cache that is mostly empty, or the out-of-window part of a full cache, costs only its
+    slot_pos bytes (4 B per slot against 4*D B of K+V);
+  * the sequence is split across programs when batch x kv heads cannot fill the GPU; a second
+    kernel merges the splits by log-sum-exp. With one split the first kernel writes the output.
+Launches depend only on shapes (no host sync), so they can be captured in CUDA graphs.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import HAS_TRITON, cdiv, dot_fp32_operands, next_pow2, num_sms, tl, triton, use_triton
+
+LOG2E = 1.4426950408889634
+MIN_SPLIT_SLOTS = 128  # below this a split's fixed cost (stage-2 traffic, launch) outweighs the gain
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (CPU fallback and test oracle)
+# --------------------------------------------------------------------------------------------
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_pos: torch.Tensor, q_pos: torch.Tensor, window: int, scale: float,
+                         softcap: float | None = None) -> torch.Tensor:
+    """fp32 reference. Empty slots (slot_pos < 0) are zeroed first so that garbage (even NaN)
+    in never-written cache memory cannot leak through 0 * NaN, matching the kernel."""
+    B, T, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    out = torch.empty(B, T, Hq, D, dtype=torch.float32, device=q.device)
+    for b in range(B):  # one stream at a time bounds the fp32 score memory for long caches
+        sp = slot_pos[b].long()                                         # [S]
+        qp = q_pos[b].long()[:, None]                                   # [T, 1]
+        vis = (sp[None, :] >= 0) & (sp[None, :] <= qp)                  # [T, S]
+        if window > 0:
+            vis &= sp[None, :] > qp - window
+        filled = (sp >= 0)[None, :, None]
+        k = torch.where(filled, k_cache[b].float(), 0.0)                # [Hkv, S, D]
+        v = torch.where(filled, v_cache[b].float(), 0.0)
+        qf = q[b].float().reshape(T, Hkv, G, D)
+        s = torch.einsum("tkgd,ksd->kgts", qf, k) * scale               # [Hkv, G, T, S]
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        s = s.masked_fill(~vis, float("-inf"))
+        m = s.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)         # rows with no key
+        p = torch.exp(s - m)
+        denom = p.sum(dim=-1, keepdim=True)
+        o = torch.einsum("kgts,ksd->tkgd", p / torch.where(denom == 0, 1.0, denom), v)
+        out[b] = o.reshape(T, Hq, D)
+    return out.to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _attn_stage1(q_ptr, k_ptr, v_ptr, slot_ptr, qpos_ptr, out_ptr, opart_ptr, lse_ptr,
+                     sqb, sqt, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                     ssb, sss, spb, spt, sob, sot, soh, sod,
+                     S, T, HQ, HKV, window, split_len, qk_scale, softcap,
+                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr):
+        pid_bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        b = (pid_bh // HKV).to(tl.int64)  # int64: B*Hkv*S*D exceeds 2^31 at 64 x 131072 x 512
+        kvh = pid_bh % HKV
+
+        # Rows of this program: r = t*G + g for the G query heads of this kv head.
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < T * G
+        t = rows // G
+        h = kvh * G + rows % G
+        offs_d = tl.arange(0, D)
+
+        qp = tl.load(qpos_ptr + b * spb + t * spt, mask=row_ok, other=-1)
+        # Window as a lower bound: visible iff lo < pos <= qp; window 0 -> lo = -1 (pos >= 0).
+        lo = tl.where(window > 0, qp - window, -1)
+        lo = tl.maximum(lo, -1)
+        q = tl.load(q_ptr + b * sqb + t[:, None] * sqt + h[:, None] * sqh + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+
+        k_base = k_ptr + b * skb + kvh * skh
+        v_base = v_ptr + b * svb + kvh * svh
+        start = pid_s * split_len
+        end = tl.minimum(start + split_len, S)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            sp = tl.load(slot_ptr + b * ssb + offs_n * sss, mask=offs_n < end, other=-1)
+            vis = (sp[None, :] > lo[:, None]) & (sp[None, :] <= qp[:, None])
+            # A key no row can see is never fetched (predicated off): empty/out-of-window tiles
+            # cost only their slot_pos bytes. This also keeps garbage in empty slots out.
+            need = tl.max(vis.to(tl.int32), axis=0) > 0
+            k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
+                        mask=need[:, None], other=0.0)
+            if DOT_FP32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k))
+            if HAS_SOFTCAP:
+                # softcap * tanh(x / softcap), tanh via exp: no libdevice, works in the interpreter.
+                x = s * (qk_scale / softcap)
+                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * 1.4426950408889634
+            else:
+                s = s * qk_scale  # qk_scale already carries log2(e): softmax runs in base 2
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
+                        mask=need[:, None], other=0.0)
+            if DOT_FP32:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        inv_l = tl.where(l_i == 0.0, 0.0, 1.0 / tl.where(l_i == 0.0, 1.0, l_i))
+        o = acc * inv_l[:, None]  # rows with no visible key (padding queries) come out as zeros
+        if NUM_SPLITS == 1:
+            o_ptrs = out_ptr + b * sob + t[:, None] * sot + h[:, None] * soh + offs_d[None, :] * sod
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            grow = ((b * T + t) * HQ + h).to(tl.int64)  # row of the [B*T*Hq, NUM_SPLITS, D] scratch
+            tl.store(opart_ptr + (grow[:, None] * NUM_SPLITS + pid_s) * D + offs_d[None, :], o,
+                     mask=row_ok[:, None])
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+            tl.store(lse_ptr + grow * NUM_SPLITS + pid_s, lse, mask=row_ok)
+
+    @triton.jit
+    def _attn_stage2(opart_ptr, lse_ptr, out_ptr, NUM_SPLITS,
+                     D: tl.constexpr, BLOCK_S: tl.constexpr):
+        # One program per (b, t, q head) row; the output is contiguous [B, T, Hq, D].
+        row = tl.program_id(0).to(tl.int64)
+        offs_s = tl.arange(0, BLOCK_S)
+        lse = tl.load(lse_ptr + row * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS,
+                      other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        denom = tl.sum(tl.exp2(lse - m), axis=0)
+        offs_d = tl.arange(0, D)
+        acc = tl.zeros([D], tl.float32)
+        for s in range(0, NUM_SPLITS):
+            w = tl.exp2(tl.load(lse_ptr + row * NUM_SPLITS + s) - m)  # empty split: exp2(-inf) = 0
+            acc += w * tl.load(opart_ptr + (row * NUM_SPLITS + s) * D + offs_d)
+        o = acc / tl.where(denom == 0.0, 1.0, denom)
+        tl.store(out_ptr + row * D + offs_d, o.to(out_ptr.dtype.element_ty))
+
+
+def _blocks(D: int, rows: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps). Keeps the fp32 accumulator (BLOCK_M x D) and one K or V
+    tile (BLOCK_N x D) near 16K elements: D=512 -> 32/32, D=256 -> 64/64 (E4B)."""
+    block_m = min(max(16, next_pow2(rows)), max(16, 16384 // D))
+    block_n = max(16, min(64, 16384 // D))
+    num_warps = 4 if block_m * D <= 8192 else 8
+    return block_m, block_n, num_warps
+
+
+def _num_splits(S: int, programs: int, block_n: int, sms: int) -> int:
+    """Split the sequence only as far as needed to give ~2 programs per SM, and never into
+    pieces shorter than MIN_SPLIT_SLOTS (rounded to whole tiles)."""
+    want = cdiv(2 * sms, programs)
+    return max(1, min(want, cdiv(S, max(MIN_SPLIT_SLOTS, block_n)), 256))
+
+
+def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slot_pos: torch.Tensor, q_pos: torch.Tensor, window: int, scale: float,
+                            softcap: float | None = None, num_splits: int | None = None,
+                            block_n: int | None = None) -> torch.Tensor:
+    """Triton path. `num_splits` / `block_n` override the heuristics (tests use them to force
+    the split-KV reduction on tiny caches)."""
+    B, T, Hq, D = q.shape
+    Bk, Hkv, S, Dk = k_cache.shape
+    if (Bk, Dk) != (B, D) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"dtypes differ: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
+    if Hq % Hkv:
+        raise ValueError(f"Hq={Hq} is not a multiple of Hkv={Hkv}")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head dim {D} must be a power of two >= 16")
+    if tuple(slot_pos.shape) != (B, S) or tuple(q_pos.shape) != (B, T):
+        raise ValueError(f"slot_pos {tuple(slot_pos.shape)} / q_pos {tuple(q_pos.shape)} do not match B={B}, S={S}, T={T}")
+    G = Hq // Hkv
+    block_m, bn, num_warps = _blocks(D, T * G)
+    block_n = block_n or bn
+    m_blocks = cdiv(T * G, block_m)
+    if num_splits is None:
+        num_splits = _num_splits(S, B * Hkv * m_blocks, block_n, num_sms(q.device))
+    split_len = cdiv(cdiv(S, num_splits), block_n) * block_n
+    num_splits = cdiv(S, split_len)  # drop splits that would start past the end
+
+    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
+    if num_splits > 1:
+        opart = torch.empty(B * T * Hq, num_splits, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B * T * Hq, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        opart = lse = out  # unused by the kernel when NUM_SPLITS == 1
+    qk_scale = scale if softcap is not None else scale * LOG2E
+    _attn_stage1[(B * Hkv, m_blocks, num_splits)](
+        q, k_cache, v_cache, slot_pos, q_pos, out, opart, lse,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *slot_pos.stride(), *q_pos.stride(),
+        *out.stride(),
+        S, T, Hq, Hkv, int(window), split_len, float(qk_scale), float(softcap or 1.0),
+        G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        HAS_SOFTCAP=softcap is not None, DOT_FP32=dot_fp32_operands(q.dtype),
+        num_warps=num_warps, num_stages=2,
+    )
+    if num_splits > 1:
+        _attn_stage2[(B * T * Hq,)](opart, lse, out, num_splits, D=D,
+                                    BLOCK_S=max(2, next_pow2(num_splits)),
+                                    num_warps=4 if D >= 256 else 2)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_pos: torch.Tensor, q_pos: torch.Tensor, window: int, scale: float,
+                     softcap: float | None = None) -> torch.Tensor:
+    """Attention of T queries per stream over a slot-addressed cache; see the module docstring.
+    Triton on CUDA, the fp32 PyTorch reference elsewhere. Output has q's dtype."""
+    if use_triton(q):
+        return decode_attention_triton(q, k_cache, v_cache, slot_pos, q_pos, window, scale, softcap)
+    return decode_attention_ref(q, k_cache, v_cache, slot_pos, q_pos, window, scale, softcap)
+
+
+__all__ = ["decode_attention", "decode_attention_ref", "decode_attention_triton"]

@@ -1,0 +1,166 @@
+"""Skinny matmul y = x @ w.T for decode/verify widths (M <= 16), memory-bound by design.
+
+At M <= 16 every weight byte is used for at most 16 multiply-adds, so the kernel's only job is
+to stream W [N, K] (row-major, as checkpoints store it) from HBM exactly once at full bandwidth:
+  * one program owns a BLOCK_N slice of outputs and walks K for all M rows at once, so each
+    weight tile is loaded once however many rows there are (x is tiny and stays in L1/L2);
+  * M == 1 uses a CUDA-core multiply + row reduction; M >= 2 pads the rows to 16 and uses
+    `tl.dot` (tensor cores), which costs nothing extra in a memory-bound loop;
+  * when N / BLOCK_N programs cannot fill the GPU (down 2560x10240, PLE 256x2560), K is split
+    across programs; partial sums go to an fp32 scratch and a second tiny kernel adds them in a
+    fixed order: deterministic and atomic-free.
+Accumulation is fp32; the output has x's dtype. Wider M (prefill) goes to cuBLAS.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import HAS_TRITON, INTERPRET, cdiv, next_pow2, num_sms, tl, triton, use_triton
+
+MAX_M = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (CPU fallback and test oracle): fp32 accumulation, output in x's dtype.
+# --------------------------------------------------------------------------------------------
+def linear_small_m_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x.float() @ w.float().T).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, sxm, sxk, swn, swk, sym, syn, k_per_split,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                     EVEN_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_m = tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        k_start = pid_k * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        # Clamp out-of-range rows to row 0 instead of masking: keeps the weight loads unmasked
+        # along K (vectorised 16-byte loads); their results are dropped at the store.
+        w_rows = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * swn
+        if USE_DOT:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                w = tl.load(w_rows + offs_k[None, :] * swk)
+            else:
+                w = tl.load(w_rows + offs_k[None, :] * swk, mask=offs_k[None, :] < k_end, other=0.0)
+            if USE_DOT:
+                x = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :] * sxk,
+                            mask=m_ok[:, None] & (offs_k[None, :] < k_end), other=0.0)
+                if DOT_FP32:  # fp32 / mixed dtypes / bf16 under the interpreter: exact fp32 dot
+                    acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, tl.trans(w))
+            else:
+                x = tl.load(x_ptr + offs_k * sxk, mask=offs_k < k_end, other=0.0).to(tl.float32)
+                acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        if USE_DOT:
+            out = acc
+            rows = offs_m[:, None]
+            mask = m_ok[:, None] & n_ok[None, :]
+            cols = offs_n[None, :]
+        else:
+            out = acc[None, :]
+            rows = tl.zeros([1, 1], tl.int32)
+            mask = n_ok[None, :]
+            cols = offs_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptr + rows * sym + cols * syn, out.to(y_ptr.dtype.element_ty), mask=mask)
+        else:  # scratch [SPLIT_K, M, N] fp32
+            tl.store(part_ptr + (pid_k * M + rows).to(tl.int64) * N + cols, out, mask=mask)
+
+    @triton.jit
+    def _splitk_reduce_kernel(part_ptr, y_ptr, M, N, sym, syn,
+                              SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < M * N
+        acc = tl.zeros([BLOCK], tl.float32)
+        for s in tl.static_range(SPLIT_K):  # fixed order: bitwise-reproducible run to run
+            acc += tl.load(part_ptr + s * M * N + offs, mask=ok, other=0.0)
+        m = offs // N
+        n = offs % N
+        tl.store(y_ptr + m * sym + n * syn, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def gemv_config(M: int, N: int, K: int, elem_bytes: int, sms: int) -> dict[str, int]:
+    """Block sizes and split-K for one call (a heuristic, not autotuning: autotune cannot run
+    under the interpreter and would make CUDA-graph capture depend on a first timed call).
+    A weight tile is ~16 KB so that num_stages=4 keeps ~64 KB per program in flight."""
+    if M == 1:
+        block_m, block_n, block_k = 1, 32, 256 if elem_bytes <= 2 else 128
+    else:
+        block_m, block_n, block_k = max(16, next_pow2(M)), 64, 128 if elem_bytes <= 2 else 64
+    n_progs = cdiv(N, block_n)
+    split_k = 1
+    if n_progs < 2 * sms:  # too few programs to keep every SM streaming: split K
+        max_split = max(1, K // (2 * block_k))  # every split walks >= 2 tiles
+        split_k = max(1, min(cdiv(2 * sms, n_progs), max_split, 64))
+    k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
+    split_k = cdiv(K, k_per_split)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                k_per_split=k_per_split, num_warps=4, num_stages=4)
+
+
+def linear_small_m_triton(x: torch.Tensor, w: torch.Tensor, split_k: int | None = None,
+                          block_k: int | None = None) -> torch.Tensor:
+    """Triton path for x [M, K] (M <= 16), w [N, K]. `split_k` / `block_k` override the
+    heuristic (tests use them to force the two-pass reduction on small shapes)."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"need x [M, K] and w [N, K]; got {tuple(x.shape)} and {tuple(w.shape)}")
+    M, K = x.shape
+    N = w.shape[0]
+    if M > MAX_M:
+        raise ValueError(f"M={M} > {MAX_M}: use cuBLAS (linear_small_m does this for you)")
+    cfg = gemv_config(M, N, K, w.element_size(), num_sms(x.device))
+    if block_k is not None:
+        cfg["BLOCK_K"] = block_k
+    if split_k is not None or block_k is not None:
+        want = split_k if split_k is not None else cfg["SPLIT_K"]
+        cfg["k_per_split"] = cdiv(cdiv(K, want), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        cfg["SPLIT_K"] = cdiv(K, cfg["k_per_split"])
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    if K == 0:
+        return y.zero_()
+    split = cfg["SPLIT_K"]
+    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
+    dot_fp32 = (x.dtype != w.dtype or w.dtype == torch.float32
+                or (INTERPRET and w.dtype == torch.bfloat16))
+    even_k = K % cfg["BLOCK_K"] == 0 and cfg["k_per_split"] % cfg["BLOCK_K"] == 0
+    _gemv_kernel[(cdiv(N, cfg["BLOCK_N"]), split)](
+        x, w, y, part, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        y.stride(0), y.stride(1), cfg["k_per_split"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
+        USE_DOT=M > 1, DOT_FP32=dot_fp32, EVEN_K=even_k,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1:
+        block = 1024
+        _splitk_reduce_kernel[(cdiv(M * N, block),)](part, y, M, N, y.stride(0), y.stride(1),
+                                                     SPLIT_K=split, BLOCK=block, num_warps=4)
+    return y
+
+
+def linear_small_m(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y = x @ w.T with fp32 accumulation, output in x's dtype. Triton for M <= 16 on CUDA,
+    cuBLAS for wider M on CUDA, the fp32 reference on CPU."""
+    if use_triton(x) and x.shape[0] <= MAX_M:
+        return linear_small_m_triton(x, w)
+    if x.is_cuda and x.dtype == w.dtype:
+        return F.linear(x, w)
+    return linear_small_m_ref(x, w)
