@@ -193,7 +193,8 @@ def arch_from_dict(raw: dict[str, Any], source: str = "config.json") -> ArchConf
             rope={FULL: _rope_spec(full, head_dim, 1e6), SLIDING: _rope_spec(local, head_dim, 1e4)},
             norm_plus_one=True, has_v_norm=False,
             attn_scale=float(cfg.get("query_pre_attn_scalar", head_dim)) ** -0.5,
-            attn_softcap=cfg.get("attn_logit_softcapping"),
+            # Gemma 3 replaced attention soft-capping with QK-norm: the reference ignores the field.
+            attn_softcap=None,
         )
 
     # gemma4_text
