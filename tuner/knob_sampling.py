@@ -31,3 +31,23 @@ def sample_knobs(trial: optuna.Trial, space: Knobs) -> dict[str, Any]:
     if drafter == "mtp":
         knobs["centroid_top_k"] = _suggest(trial, "centroid_top_k", space.centroid_top_k)
     return knobs
+
+
+def default_params(space: Knobs) -> dict[str, Any]:
+    """Optuna params of the plain setting (trained window, smallest batch, no drafter), for the dimensions
+    that are searched. Queued as a new study's first trial: the baseline is always measured and, under a
+    ratio limit, always feasible, so a study never ends without a recipe at least as good as the default."""
+    params: dict[str, Any] = {}
+    window = space.sliding_window
+    if isinstance(window, IntRange):
+        params["sliding_window"] = window.high
+    elif len(window) > 1:
+        params["sliding_window"] = None if None in window else max(window)
+    batch = space.batch_size
+    if isinstance(batch, IntRange):
+        params["batch_size"] = batch.low
+    elif len(batch) > 1:
+        params["batch_size"] = min(batch)
+    if len(space.drafter) > 1 and "none" in space.drafter:
+        params["drafter"] = "none"
+    return params

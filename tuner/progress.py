@@ -27,6 +27,7 @@ class Progress:
         self.started = time.monotonic()
         self.tty = self.stream.isatty()
         self._last_len = 0
+        self._last_state: tuple | None = None
 
     def line(self, done: int, running: int, best_tps: float | None, front_size: int) -> str:
         elapsed = time.monotonic() - self.started
@@ -42,8 +43,9 @@ class Progress:
             pad = " " * max(0, self._last_len - len(text))
             self.stream.write("\r" + text + pad)
             self._last_len = len(text)
-        else:
+        elif (done, running, best_tps, front_size) != self._last_state:  # logs: one line per change
             self.stream.write(text + "\n")
+        self._last_state = (done, running, best_tps, front_size)
         self.stream.flush()
 
     def message(self, text: str) -> None:

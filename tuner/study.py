@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from .errors import StudyError
 from .finalize import StudyOutcome, finalize_study
-from .knob_sampling import sample_knobs
+from .knob_sampling import default_params, sample_knobs
 from .options import StudyOptions
 from .profiles import check_device, get_profile
 from .progress import Progress
@@ -115,6 +115,7 @@ def open_study(opts: StudyOptions, space: SearchSpace, study_dir: Path) -> optun
             study.set_user_attr(key, value)
         study.set_user_attr("search_space", space.source_path)
         study.set_user_attr("created_utc", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        study.enqueue_trial(default_params(space.knobs), user_attrs={"queued": "default knobs"})
     else:
         for key, value in identity.items():
             if study.user_attrs.get(key) != value:
