@@ -190,9 +190,9 @@ def _num_splits(S: int, programs: int, block_n: int, sms: int) -> int:
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             slot_pos: torch.Tensor, q_pos: torch.Tensor, window: int, scale: float,
                             softcap: float | None = None, num_splits: int | None = None,
-                            block_n: int | None = None) -> torch.Tensor:
-    """Triton path. `num_splits` / `block_n` override the heuristics (tests use them to force
-    the split-KV reduction on tiny caches)."""
+                            block_n: int | None = None, block_m: int | None = None) -> torch.Tensor:
+    """Triton path. `num_splits` / `block_n` / `block_m` override the heuristics (tests use them
+    to force the split-KV reduction and several row blocks on tiny shapes)."""
     B, T, Hq, D = q.shape
     Bk, Hkv, S, Dk = k_cache.shape
     if (Bk, Dk) != (B, D) or v_cache.shape != k_cache.shape:
@@ -206,8 +206,8 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if tuple(slot_pos.shape) != (B, S) or tuple(q_pos.shape) != (B, T):
         raise ValueError(f"slot_pos {tuple(slot_pos.shape)} / q_pos {tuple(q_pos.shape)} do not match B={B}, S={S}, T={T}")
     G = Hq // Hkv
-    block_m, bn, num_warps = _blocks(D, T * G)
-    block_n = block_n or bn
+    bm, bn, num_warps = _blocks(D, T * G)
+    block_m, block_n = block_m or bm, block_n or bn
     m_blocks = cdiv(T * G, block_m)
     if num_splits is None:
         num_splits = _num_splits(S, B * Hkv * m_blocks, block_n, num_sms(q.device))

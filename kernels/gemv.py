@@ -117,9 +117,10 @@ def gemv_config(M: int, N: int, K: int, elem_bytes: int, sms: int) -> dict[str, 
 
 
 def linear_small_m_triton(x: torch.Tensor, w: torch.Tensor, split_k: int | None = None,
-                          block_k: int | None = None) -> torch.Tensor:
+                          block_k: int | None = None, config: dict[str, int] | None = None) -> torch.Tensor:
     """Triton path for x [M, K] (M <= 16), w [N, K]. `split_k` / `block_k` override the
-    heuristic (tests use them to force the two-pass reduction on small shapes)."""
+    heuristic (tests use them to force the two-pass reduction on small shapes); `config`
+    overrides any key of `gemv_config` (used by benchmark sweeps)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"need x [M, K] and w [N, K]; got {tuple(x.shape)} and {tuple(w.shape)}")
     M, K = x.shape
@@ -127,11 +128,14 @@ def linear_small_m_triton(x: torch.Tensor, w: torch.Tensor, split_k: int | None 
     if M > MAX_M:
         raise ValueError(f"M={M} > {MAX_M}: use cuBLAS (linear_small_m does this for you)")
     cfg = gemv_config(M, N, K, w.element_size(), num_sms(x.device))
+    cfg.update(config or {})
     if block_k is not None:
         cfg["BLOCK_K"] = block_k
-    if split_k is not None or block_k is not None:
-        want = split_k if split_k is not None else cfg["SPLIT_K"]
-        cfg["k_per_split"] = cdiv(cdiv(K, want), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    if split_k is not None:
+        cfg["SPLIT_K"] = split_k
+    if split_k is not None or block_k is not None or config:
+        # whole tiles per split; drop splits that would start past K
+        cfg["k_per_split"] = cdiv(cdiv(K, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
         cfg["SPLIT_K"] = cdiv(K, cfg["k_per_split"])
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:

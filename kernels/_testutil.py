@@ -1,0 +1,50 @@
+"""Test plumbing: run kernel tests under TRITON_INTERPRET=1 without poisoning other tests.
+
+Triton decides interpreter-vs-GPU when a function is decorated with `@triton.jit`, and that
+includes its own library helpers (`tl.sum`, `tl.max`, ...), decorated when `triton` is first
+imported. So a process can run the interpreter only if TRITON_INTERPRET=1 was set before the
+first `import triton`; setting it later gives "Cannot call @triton.jit'd outside of the scope of
+a kernel". Conversely, importing triton in interpreter mode would break GPU kernels that other
+tests in the same process compile. Hence, at the top of a kernel test module:
+
+    RUN_HERE = _testutil.enter_interpreter()   # before importing kernels.*
+
+returns True when this process can (or now will) interpret: CPU-only and triton not yet
+imported, or already started with TRITON_INTERPRET=1. Otherwise the module's tests are skipped
+and one test, `rerun_in_fresh_process(__file__)`, runs the file in a child process.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def _triton_interpreting() -> bool:
+    import triton.language as tl
+
+    return type(tl.sum).__name__ == "InterpretedFunction"
+
+
+def enter_interpreter() -> bool:
+    if "triton" in sys.modules:
+        return _triton_interpreting()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    import torch
+
+    if torch.cuda.is_available():  # keep this process's triton compiling for the GPU
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True
+
+
+def rerun_in_fresh_process(path: str, timeout_s: float = 300.0) -> None:
+    """Run the test file `path` in a child pytest with TRITON_INTERPRET=1; raise on failure."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise AssertionError(f"interpreter run of {path} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}")

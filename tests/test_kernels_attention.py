@@ -1,0 +1,187 @@
+"""Decode attention: the Triton kernel under TRITON_INTERPRET=1 (CPU) against the fp32 reference.
+
+Shapes are tiny (D 16..64, a few dozen slots, BLOCK_N forced to 16 so that every cache spans
+several tiles) so the interpreter stays fast. Each case builds caches the way the engine does:
+ring slots `pos % S`, linear slots `pos`, empty (-1), stale (position > query), padding queries.
+"""
+from __future__ import annotations
+
+from kernels import _testutil
+
+RUN_HERE = _testutil.enter_interpreter()  # sets TRITON_INTERPRET=1 before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels._common as common  # noqa: E402
+import kernels.decode_attention as da  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter(request):
+    if not RUN_HERE and request.node.name != "test_interpreter_in_fresh_process":
+        pytest.skip("triton in this process compiles for the GPU; see test_interpreter_in_fresh_process")
+
+
+def test_interpreter_in_fresh_process():
+    """When this process cannot interpret (triton imported earlier, or a GPU present), run the
+    whole file again in a child process under TRITON_INTERPRET=1."""
+    if RUN_HERE:
+        pytest.skip("already running under the interpreter")
+    _testutil.rerun_in_fresh_process(__file__)
+
+
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3}  # max |triton - ref|, outputs are O(1)
+
+
+def make(B, T, Hq, Hkv, D, S, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, Hq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    return q, k, v
+
+
+def ring_slots(B, S, newest, fill=None):
+    """Slot j holds the latest position p <= newest with p % S == j (a wrapped ring); slots whose
+    position would be negative are empty. `fill` limits how many of the newest positions exist."""
+    j = torch.arange(S)
+    pos = newest - ((newest - j) % S)
+    if fill is not None:
+        pos = torch.where(pos > newest - fill, pos, -1)
+    pos = torch.where(pos >= 0, pos, -1)
+    return pos.to(torch.int32)[None].repeat(B, 1)
+
+
+def check(q, k, v, slot_pos, q_pos, window, scale, softcap=None, **kw):
+    out = da.decode_attention_triton(q, k, v, slot_pos, q_pos, window, scale, softcap, block_n=16, **kw)
+    ref = da.decode_attention_ref(q, k, v, slot_pos, q_pos, window, scale, softcap)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= TOL[q.dtype], f"max abs err {err:.3e} > {TOL[q.dtype]:.1e}"
+    return out, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("G", [1, 4])
+def test_ring_wrapped_decode(dtype, G):
+    # ring of 40 slots, 150 positions written (wrapped 3x), window 32 < filled length 40
+    B, T, Hkv, D, S = 2, 1, 2, 32, 40
+    q, k, v = make(B, T, G * Hkv, Hkv, D, S, dtype, seed=G)
+    slot_pos = ring_slots(B, S, newest=149)
+    q_pos = torch.full((B, T), 149, dtype=torch.int32)
+    check(q, k, v, slot_pos, q_pos, window=32, scale=D ** -0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ring_verify_T4_window_and_stale(dtype):
+    # speculative verify: 4 queries at 97..100 whose K/V are already in the ring; each query must
+    # not see the later drafts (slot_pos > q_pos) and sees at most `window` keys.
+    B, T, Hq, Hkv, D, S = 2, 4, 8, 2, 16, 28
+    q, k, v = make(B, T, Hq, Hkv, D, S, dtype, seed=3)
+    slot_pos = ring_slots(B, S, newest=100)
+    q_pos = (97 + torch.arange(T, dtype=torch.int32))[None].repeat(B, 1)
+    check(q, k, v, slot_pos, q_pos, window=20, scale=0.3)
+
+
+def test_linear_empty_stale_window0_and_padding():
+    # linear cache: stream 0 has positions 0..36 then empty slots; stream 1 has 0..20, then stale
+    # slots from a rejected draft (positions 21..24 > its queries), then empty ones.
+    B, T, Hq, Hkv, D, S = 2, 3, 4, 1, 32, 64
+    q, k, v = make(B, T, Hq, Hkv, D, S, torch.float32, seed=4)
+    j = torch.arange(S, dtype=torch.int32)
+    slot_pos = torch.stack([torch.where(j <= 36, j, -1), torch.where(j <= 24, j, -1)])
+    q_pos = torch.tensor([[34, 35, 36], [19, 20, -1]], dtype=torch.int32)  # last query is padding
+    out, ref = check(q, k, v, slot_pos, q_pos, window=0, scale=D ** -0.5)
+    assert torch.all(out[1, 2] == 0), "padding query must output zeros"
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+def test_split_kv_matches_single_pass(num_splits):
+    B, T, Hq, Hkv, D, S = 2, 2, 8, 2, 32, 96
+    q, k, v = make(B, T, Hq, Hkv, D, S, torch.float32, seed=5)
+    slot_pos = ring_slots(B, S, newest=250, fill=80)
+    slot_pos[1, 10:30] = -1  # holes: some splits of stream 1 see nothing at all
+    q_pos = torch.tensor([[249, 250], [200, -1]], dtype=torch.int32)
+    out, _ = check(q, k, v, slot_pos, q_pos, window=64, scale=0.2, num_splits=num_splits)
+    one = da.decode_attention_triton(q, k, v, slot_pos, q_pos, 64, 0.2, block_n=16, num_splits=1)
+    assert (out - one).abs().max().item() <= 2e-6
+    assert torch.all(out[1, 1] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_softcap(dtype):
+    B, T, Hq, Hkv, D, S = 1, 2, 4, 2, 32, 48
+    q, k, v = make(B, T, Hq, Hkv, D, S, dtype, seed=6)
+    slot_pos = ring_slots(B, S, newest=60)
+    q_pos = torch.tensor([[59, 60]], dtype=torch.int32)
+    # scale 1.0 (Gemma style) makes raw scores ~ +-10, so the cap at 5 really bends them
+    check(q, k, v, slot_pos, q_pos, window=0, scale=1.0, softcap=5.0, num_splits=2)
+
+
+def test_window_one_sees_only_itself():
+    B, T, Hq, Hkv, D, S = 1, 3, 2, 1, 16, 32
+    q, k, v = make(B, T, Hq, Hkv, D, S, torch.float32, seed=7)
+    slot_pos = ring_slots(B, S, newest=12)
+    q_pos = torch.tensor([[10, 11, 12]], dtype=torch.int32)
+    out, _ = check(q, k, v, slot_pos, q_pos, window=1, scale=1.0)
+    for t, p in enumerate((10, 11, 12)):  # softmax over one key returns that key's V exactly
+        assert torch.allclose(out[0, t, 0], v[0, 0, p % S], atol=1e-6)
+
+
+def test_all_empty_stream_and_nan_in_empty_slots():
+    # never-written cache memory may hold anything; it must not leak into the output
+    B, T, Hq, Hkv, D, S = 2, 1, 4, 2, 16, 40
+    q, k, v = make(B, T, Hq, Hkv, D, S, torch.float32, seed=8)
+    slot_pos = torch.full((B, S), -1, dtype=torch.int32)
+    slot_pos[0, :25] = torch.arange(25, dtype=torch.int32)
+    k[:, :, 25:] = float("nan")
+    v[:, :, 25:] = float("nan")
+    k[1] = float("nan")
+    v[1] = float("inf")
+    q_pos = torch.tensor([[24], [5]], dtype=torch.int32)
+    out, _ = check(q, k, v, slot_pos, q_pos, window=0, scale=0.25, num_splits=2)
+    assert torch.isfinite(out).all() and torch.all(out[1] == 0)
+
+
+def test_many_rows_several_row_blocks_and_strided_inputs():
+    # T*G = 16*4 = 64 rows split into 4 row blocks; q is a slice of a fused qkv buffer and the
+    # caches are [B, S, Hkv, D] tensors viewed as [B, Hkv, S, D] (non-contiguous strides).
+    B, T, Hq, Hkv, D, S = 1, 16, 8, 2, 16, 40
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(B, T, Hq + 2 * Hkv, D, generator=g)
+    q = qkv[:, :, :Hq]
+    k = torch.randn(B, S, Hkv, D, generator=g).transpose(1, 2)
+    v = torch.randn(B, S, Hkv, D, generator=g).transpose(1, 2)
+    slot_pos = ring_slots(B, S, newest=70)
+    q_pos = (55 + torch.arange(T, dtype=torch.int32))[None]
+    check(q, k, v, slot_pos, q_pos, window=24, scale=0.25, block_m=16, num_splits=2)
+
+
+def test_long_mostly_empty_linear_cache_default_heuristics():
+    # a 4096-slot linear cache holding 70 positions, window 0, default split heuristic
+    B, T, Hq, Hkv, D, S = 1, 2, 4, 2, 16, 4096
+    q, k, v = make(B, T, Hq, Hkv, D, S, torch.float32, seed=10)
+    j = torch.arange(S, dtype=torch.int32)
+    slot_pos = torch.where(j < 70, j, -1)[None]
+    q_pos = torch.tensor([[68, 69]], dtype=torch.int32)
+    out = da.decode_attention_triton(q, k, v, slot_pos, q_pos, 0, 0.25)
+    ref = da.decode_attention_ref(q, k, v, slot_pos, q_pos, 0, 0.25)
+    assert (out - ref).abs().max().item() <= 2e-5
+
+
+def test_split_heuristic_shapes():
+    bm, bn, _ = da._blocks(512, 8 * 4)
+    assert (bm, bn) == (32, 32)
+    assert da._num_splits(131072, 2, bn, 132) == 132       # B=1: fill the GPU
+    assert da._num_splits(521, 2 * 1, 64, 132) == 5        # short ring: >= 128 slots a split
+    assert da._num_splits(4096, 64 * 2, 32, 132) == 3      # B=64: little to gain from splitting
+
+
+def test_dispatch_uses_reference_on_cpu():
+    q, k, v = make(1, 1, 2, 1, 16, 8, torch.float32, seed=11)
+    slot_pos = torch.arange(8, dtype=torch.int32)[None]
+    q_pos = torch.tensor([[7]], dtype=torch.int32)
+    if not common.FORCE_TRITON_ON_CPU:
+        out = da.decode_attention(q, k, v, slot_pos, q_pos, 0, 0.5)
+        assert torch.equal(out, da.decode_attention_ref(q, k, v, slot_pos, q_pos, 0, 0.5))
