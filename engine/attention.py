@@ -6,8 +6,13 @@ the CPU path; on CUDA the decode path goes to the Triton kernel in `kernels/deco
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+# VKAE_TRITON_ATTENTION=0 forces the PyTorch path on GPU too (for A/B runs and debugging).
+_TRITON_ATTENTION = os.environ.get("VKAE_TRITON_ATTENTION", "1") != "0"
 
 
 def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -36,3 +41,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(p, v)
+
+
+def attend_cache(q: torch.Tensor, cache, positions: torch.Tensor, window: int | None, scale: float,
+                 softcap: float | None) -> torch.Tensor:
+    """Decode/verify attention of q [B, T, Hq, D] over one layer cache -> [B, T, Hq, D].
+    CUDA: the split-KV Triton kernel (no mask tensor is materialised); CPU: SDPA with a position mask."""
+    if q.is_cuda and _TRITON_ATTENTION:
+        from kernels.decode_attention import decode_attention
+
+        return decode_attention(q, cache.k, cache.v, cache.slot_pos, positions.to(torch.int32), window or 0,
+                                scale, softcap)
+    mask = visibility(positions, cache.slot_pos, window)
+    return attend(q.transpose(1, 2), cache.k, cache.v, mask, scale, softcap).transpose(1, 2)

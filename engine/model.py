@@ -17,24 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, visibility
+from . import ops
+from .attention import attend, attend_cache, visibility
 from .cache import KVCache
 from .config import FULL, SLIDING, ArchConfig
 from .linear import Linear
-from .rope import RopeTable, apply_rope
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, plus_one: bool) -> torch.Tensor:
-    """Gemma RMSNorm in fp32, cast back (Gemma 4: x*w, Gemma 3: x*(1+w), weight None: scale-free)."""
-    xf = x.float()
-    out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
-        out = out * (1.0 + weight.float() if plus_one else weight.float())
-    return out.type_as(x)
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
+from .rope import RopeTable
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
@@ -107,46 +95,49 @@ class GemmaDecoder(nn.Module):
     def device(self) -> torch.device:
         return self.embed.device
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        return rms_norm(x, weight, self.arch.rms_norm_eps, self.arch.norm_plus_one)
+    def _eps(self) -> tuple[float, bool]:
+        return self.arch.rms_norm_eps, self.arch.norm_plus_one
 
     def _embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = F.embedding(tokens, self.embed) * self.embed_scale
         if not self.arch.ple_dim:
             return h, None
         a = self.arch
-        tok = (F.embedding(tokens, self.ple_embed) * self.ple_embed_scale).reshape(*tokens.shape, a.num_layers, a.ple_dim)
-        ctx = self.ple_model_proj(h) * (a.hidden_size ** -0.5)
-        ctx = self._norm(ctx.reshape(*tokens.shape, a.num_layers, a.ple_dim), self.ple_proj_norm)
-        return h, (ctx + tok) * (2.0 ** -0.5)
+        shape = (*tokens.shape, a.num_layers, a.ple_dim)
+        tok = F.embedding(tokens, self.ple_embed).reshape(shape)
+        ctx = self.ple_model_proj(h).reshape(shape)
+        return h, ops.ple_combine(ctx, tok, self.ple_proj_norm, a.hidden_size ** -0.5, self.ple_embed_scale,
+                                  a.rms_norm_eps)
 
     def _qkv(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, _ = x.shape
+        eps, plus_one = self._eps()
         parts = layer.qkv(x).split(layer.split, dim=-1)
-        q = parts[0].view(B, T, layer.num_heads, layer.head_dim)
-        q = apply_rope(self._norm(q, layer.q_norm), cos, sin)
+        q = ops.norm_rope(parts[0].view(B, T, layer.num_heads, layer.head_dim), layer.q_norm, cos, sin, eps, plus_one)
         if not layer.owns_kv:
             return q, None, None
         k_raw = parts[1].view(B, T, layer.kv_heads, layer.head_dim)
         v = k_raw if layer.k_eq_v else parts[2].view(B, T, layer.kv_heads, layer.head_dim)
-        k = apply_rope(self._norm(k_raw, layer.k_norm), cos, sin)
+        k = ops.norm_rope(k_raw, layer.k_norm, cos, sin, eps, plus_one)
         if self.arch.has_v_norm:
-            v = self._norm(v, None)
+            v = ops.scale_free_norm(v, eps)
         return q, k, v
 
     def _layer_tail(self, layer: DecoderLayer, h: torch.Tensor, attn: torch.Tensor,
-                    per_layer: torch.Tensor | None) -> torch.Tensor:
-        n = layer.norms
-        h = h + self._norm(layer.o_proj(attn), n["post_attention_layernorm"])
-        x = self._norm(h, n["pre_feedforward_layernorm"])
-        gate, up = layer.gate_up(x).chunk(2, dim=-1)
-        h = h + self._norm(layer.down(gelu_tanh(gate) * up), n["post_feedforward_layernorm"])
+                    per_layer: torch.Tensor | None, w_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything after attention; returns the new residual stream and the next layer's normed input."""
+        n, (eps, plus_one) = layer.norms, self._eps()
+        h, x = ops.sandwich(layer.o_proj(attn), h, n["post_attention_layernorm"], n["pre_feedforward_layernorm"],
+                            None, eps, plus_one)
+        m = layer.down(ops.gelu_mul(layer.gate_up(x)))
         if layer.has_ple:
-            g = gelu_tanh(layer.ple_gate(h)) * per_layer[:, :, layer.index]
-            h = h + self._norm(layer.ple_proj(g), layer.ple_norm)
-        if layer.layer_scalar is not None:
-            h = h * layer.layer_scalar
-        return h
+            h = ops.add_norm(m, h, n["post_feedforward_layernorm"], eps, plus_one)
+            g = ops.gelu_gate(layer.ple_gate(h), per_layer[:, :, layer.index])
+            return ops.sandwich(layer.ple_proj(g), h, layer.ple_norm, w_next, layer.layer_scalar, eps, plus_one)
+        return ops.sandwich(m, h, n["post_feedforward_layernorm"], w_next, layer.layer_scalar, eps, plus_one)
+
+    def _next_norm(self, i: int) -> torch.Tensor:
+        return self.layers[i + 1].norms["input_layernorm"] if i + 1 < len(self.layers) else self.final_norm
 
     def _window(self, layer: DecoderLayer, window: int | None) -> int | None:
         return window if layer.layer_type == SLIDING else None
@@ -164,9 +155,10 @@ class GemmaDecoder(nn.Module):
         fresh_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if cache is not None:
             cache.reset_rows(rows)
+        eps, plus_one = self._eps()
+        x = ops.norm(h, self.layers[0].norms["input_layernorm"], eps, plus_one)
         for layer in self.layers:
             cos, sin = rope[layer.layer_type]
-            x = self._norm(h, layer.norms["input_layernorm"])
             q, k, v = self._qkv(layer, x, cos, sin)
             if layer.owns_kv:
                 fresh_kv[layer.index] = (k, v)
@@ -175,8 +167,9 @@ class GemmaDecoder(nn.Module):
             k, v = fresh_kv[layer.source]
             o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), masks[layer.layer_type],
                        self.arch.attn_scale, self.arch.attn_softcap)
-            h = self._layer_tail(layer, h, o.transpose(1, 2).reshape(*h.shape[:2], -1), per_layer)
-        return self._norm(h, self.final_norm)
+            h, x = self._layer_tail(layer, h, o.transpose(1, 2).reshape(*h.shape[:2], -1), per_layer,
+                                    self._next_norm(layer.index))
+        return x
 
     @staticmethod
     def _write_prefill(cache: KVCache, i: int, rows: torch.Tensor, positions: torch.Tensor,
@@ -197,19 +190,18 @@ class GemmaDecoder(nn.Module):
         h, per_layer = self._embed(tokens)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         write_pos = positions.clamp(min=0)
-        masks: dict[int, torch.Tensor] = {}
+        eps, plus_one = self._eps()
+        x = ops.norm(h, self.layers[0].norms["input_layernorm"], eps, plus_one)
         for layer in self.layers:
             cos, sin = rope[layer.layer_type]
-            x = self._norm(h, layer.norms["input_layernorm"])
             q, k, v = self._qkv(layer, x, cos, sin)
             lc = cache.layers[layer.source]
             if layer.owns_kv:
                 lc.write(rows, write_pos, k, v)
-            if layer.source not in masks:
-                masks[layer.source] = visibility(positions, lc.slot_pos, self._window(layer, window))
-            o = attend(q.transpose(1, 2), lc.k, lc.v, masks[layer.source], self.arch.attn_scale, self.arch.attn_softcap)
-            h = self._layer_tail(layer, h, o.transpose(1, 2).reshape(*h.shape[:2], -1), per_layer)
-        return self._norm(h, self.final_norm)
+            o = attend_cache(q, lc, positions, self._window(layer, window), self.arch.attn_scale,
+                             self.arch.attn_softcap)
+            h, x = self._layer_tail(layer, h, o.reshape(*h.shape[:2], -1), per_layer, self._next_norm(layer.index))
+        return x
 
     # ---- head --------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,224 @@
+"""GPU benchmark at E4B geometry with RANDOM bf16 weights (speed only; labelled "weights": "random").
+
+In one run, so ratios are measured against references on the same machine at the same moment:
+  1. device-to-device copy bandwidth (bytes read + written) -> the HBM floor for E4B decode
+  2. logits of the engine vs transformers' Gemma4ForCausalLM on the same weights (512 positions)
+  3. engine decode TPS, batch 1, prompt 256, 256 new tokens, CUDA graphs
+  4. transformers `generate` with the static (compiled) cache on the same weights and prompts
+  5. decode-step time at batch 1/8/32 and verify widths 1/2/4/8, and a per-kernel profile
+  6. peak memory of batch 1 at a 4K context (engine alone)
+Prints a table and ends with one JSON line.   Usage: python scripts/bench_e4b_gpu.py [--skip-hf] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.config import arch_from_dict  # noqa: E402
+from engine.generate import Generator  # noqa: E402
+from engine.knobs import Knobs  # noqa: E402
+from engine.loader import model_from_hf_state_dict  # noqa: E402
+from engine.measure import measure_tps  # noqa: E402
+from engine.registry import GEMMA4_E4B  # noqa: E402
+
+DEV = torch.device("cuda")
+
+
+def copy_bandwidth(gib: float = 2.0, reps: int = 20) -> float:
+    n = int(gib * 2**30)
+    src = torch.empty(n, dtype=torch.uint8, device=DEV).random_(0, 255)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / reps
+    del src, dst
+    return 2 * n / dt  # bytes read + written per second
+
+
+def build_hf(raw: dict):
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    cfg = Gemma4TextConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEV):
+        model = Gemma4ForCausalLM(cfg)
+    torch.set_default_dtype(prev)
+    return model.eval()
+
+
+def time_graph_steps(gen: Generator, width: int, iters: int = 50) -> float:
+    B = gen.cache.batch
+    tokens = torch.randint(3, 1000, (B, width), device=DEV)
+    positions = (torch.arange(width, device=DEV) + 300)[None].expand(B, -1).contiguous()
+    for _ in range(3):
+        gen.step(tokens, positions)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        gen.step(tokens, positions)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters / 1e3
+
+
+def prefill_rows(gen: Generator, prompt_len: int) -> None:
+    for row in range(gen.cache.batch):
+        gen.prefill(list(range(3, 3 + prompt_len)), row)
+
+
+def kernel_profile(gen: Generator, top: int = 18) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    B = gen.cache.batch
+    tokens = torch.randint(3, 1000, (B, 1), device=DEV)
+    positions = torch.full((B, 1), 300, device=DEV)
+    gen._step_eager(tokens, positions)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            gen._step_eager(tokens, positions)
+        torch.cuda.synchronize()
+    rows = []
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    total = sum(getattr(e, "self_device_time_total", 0) for e in events) or 1
+    for e in sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:top]:
+        t = getattr(e, "self_device_time_total", 0)
+        rows.append({"kernel": e.key[:70], "calls_per_step": e.count / 5, "us_per_step": t / 5,
+                     "share": t / total})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    args = ap.parse_args()
+    res: dict = {"weights": "random", "geometry": "gemma-4-e4b", "dtype": "bfloat16",
+                 "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    import transformers
+    import triton
+
+    res.update(transformers=transformers.__version__, triton=triton.__version__)
+    bw = copy_bandwidth()
+    arch = arch_from_dict(GEMMA4_E4B)
+    touched = arch.bytes_touched_per_token()
+    res.update(copy_bandwidth_gbs=bw / 1e9, bytes_per_token=touched, floor_tps=bw / touched)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; floor {bw / touched:.1f} TPS ({touched / 1e9:.3f} GB/token)", flush=True)
+
+    t0 = time.perf_counter()
+    hf = build_hf(GEMMA4_E4B)
+    eng = model_from_hf_state_dict(GEMMA4_E4B, hf.state_dict())
+    res["build_seconds"] = time.perf_counter() - t0
+    loaded = SimpleNamespace(model=eng, arch=eng.arch)
+
+    # 2. logits agreement on 512 positions
+    ids = torch.randint(3, arch.vocab_size, (1, 512), device=DEV, generator=torch.Generator(DEV).manual_seed(1))
+    with torch.inference_mode():
+        want = hf(ids).logits.float()
+        got = eng.logits(eng.forward_fresh(ids, torch.arange(512, device=DEV)[None], arch.sliding_window))
+    res["logits_max_abs_diff"] = (got - want).abs().max().item()
+    res["logits_mean_abs_diff"] = (got - want).abs().mean().item()
+    res["top1_agreement"] = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    print(f"logits vs transformers: max |diff| {res['logits_max_abs_diff']:.4f}, top-1 agreement "
+          f"{100 * res['top1_agreement']:.2f}%", flush=True)
+    del want, got
+
+    # 3. engine TPS, batch 1, prompt 256, N new tokens
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, arch.vocab_size, (256,), generator=g).tolist() for _ in range(3)]
+    gen = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
+    t0 = time.perf_counter()
+    tps = measure_tps(gen, prompts, args.new_tokens, repeats=3, warmup=1)
+    res["engine_first_use_seconds"] = time.perf_counter() - t0 - tps["seconds"]
+    res.update(engine_tps=tps["tps"], engine_tps_min=tps["tps_min"], engine_tps_max=tps["tps_max"],
+               engine_tps_decode=tps["tps_decode"])
+    print(f"engine TPS {tps['tps']:.1f} (decode-only {tps['tps_decode']:.1f})", flush=True)
+
+    # 5. step times at batch / verify widths
+    steps = {}
+    prefill_rows(gen, 256)
+    for w in (1, 2, 4, 8):
+        steps[f"b1_t{w}_ms"] = 1e3 * time_graph_steps(gen, w)
+    res["kernel_profile_b1"] = kernel_profile(gen)
+    del gen
+    if not args.quick:
+        for b in (8, 32):
+            gb = Generator(loaded, Knobs(batch_size=b), max_context=1024, use_cuda_graphs=True)
+            prefill_rows(gb, 256)
+            steps[f"b{b}_t1_ms"] = 1e3 * time_graph_steps(gb, 1)
+            del gb
+    res["step_ms"] = steps
+    print("step ms:", json.dumps({k: round(v, 3) for k, v in steps.items()}), flush=True)
+
+    # 4. transformers static-cache compiled generate, same weights and prompts
+    if not args.skip_hf:
+        hf.generation_config.eos_token_id = None
+        times = []
+        for i, p in enumerate([prompts[0]] + prompts):
+            x = torch.tensor([p], device=DEV)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = hf.generate(x, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                              cache_implementation="static")
+            torch.cuda.synchronize()
+            if i > 0:  # the first call compiles (warm-up)
+                times.append(time.perf_counter() - t0)
+            assert out.shape[1] == len(p) + args.new_tokens
+        res["hf_static_tps"] = args.new_tokens * len(times) / sum(times)
+        print(f"transformers static-cache generate TPS {res['hf_static_tps']:.1f}", flush=True)
+    del hf, eng, loaded
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    # 6. memory: engine alone, batch 1 at a 4K context
+    from engine.loader import load_model
+
+    torch.cuda.reset_peak_memory_stats()
+    lm = load_model("gemma-4-e4b", device="cuda", dtype=torch.bfloat16, random_weights=True)
+    gen = Generator(lm, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
+    long_prompt = list(range(3, 3 + 4096 - 128 - 16))
+    gen.generate([long_prompt], 128)
+    torch.cuda.synchronize()
+    res["peak_memory_4k_bytes"] = torch.cuda.max_memory_allocated()
+    res["weights_bytes"] = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+
+    res["engine_vs_hf"] = res.get("engine_tps", 0) / res["hf_static_tps"] if "hf_static_tps" in res else None
+    res["engine_floor_fraction"] = res["engine_tps"] / res["floor_tps"]
+    rows = [("GPU", res["gpu"]), ("weights", "random bf16, E4B geometry"),
+            ("copy bandwidth (r+w)", f"{res['copy_bandwidth_gbs']:.0f} GB/s"),
+            ("HBM floor", f"{res['floor_tps']:.1f} TPS"),
+            ("engine TPS (b1, p256, n256)", f"{res['engine_tps']:.1f}  ({100 * res['engine_floor_fraction']:.1f}% of floor)"),
+            ("transformers static generate", f"{res.get('hf_static_tps', float('nan')):.1f} TPS"),
+            ("engine / transformers", f"{res['engine_vs_hf'] or float('nan'):.2f}x"),
+            ("logits max|diff| / top-1", f"{res['logits_max_abs_diff']:.4f} / {100 * res['top1_agreement']:.2f}%"),
+            ("peak memory b1 @4K", f"{res['peak_memory_4k_bytes'] / 2**30:.2f} GiB (weights {res['weights_bytes'] / 2**30:.2f})")]
+    for k, v in rows:
+        print(f"{k:<32} {v}")
+    print("kernel profile (eager step, batch 1):")
+    for r in res["kernel_profile_b1"]:
+        print(f"  {r['share'] * 100:5.1f}%  {r['us_per_step']:8.1f} us  x{r['calls_per_step']:5.0f}  {r['kernel']}")
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
