@@ -208,10 +208,20 @@ def arch_from_dict(raw: dict[str, Any], source: str = "config.json") -> ArchConf
     shared = int(cfg.get("num_kv_shared_layers", 0) or 0)
     first_shared = n - shared
     head_dims, kv_heads, k_eq_v, sources, inters = [], [], [], [], []
+    # transformers >= 5.17 serialises the global-layer overrides as `per_layer_config` {index: {...}}
+    # instead of `global_head_dim`; Google's checkpoints use the latter. Accept both.
+    overrides: dict[int, dict[str, Any]] = {}
+    for key, value in (cfg.get("per_layer_config") or {}).items():
+        if str(key).isdigit() and isinstance(value, dict):
+            overrides[int(key)] = value
+    if overrides and "global_head_dim" not in cfg:
+        global_dim = next((int(v["head_dim"]) for i, v in overrides.items() if types[i] == FULL and "head_dim" in v),
+                          head_dim)
     for i, t in enumerate(types):
         is_full = t == FULL
-        head_dims.append(global_dim if is_full else head_dim)
-        kv_heads.append(int(global_kv) if (is_full and k_eq_v_flag and global_kv) else kv)
+        head_dims.append(int(overrides.get(i, {}).get("head_dim", global_dim if is_full else head_dim)))
+        default_kv = int(global_kv) if (is_full and k_eq_v_flag and global_kv) else kv
+        kv_heads.append(int(overrides.get(i, {}).get("num_key_value_heads", default_kv)))
         k_eq_v.append(is_full and k_eq_v_flag)
         if shared and i >= first_shared > 0:
             earlier = [j for j in range(first_shared) if types[j] == t]
