@@ -123,7 +123,8 @@ def finalize_study(study: optuna.Study, space: SearchSpace, opts: StudyOptions, 
     say(f"\n{len(pts)} trials finished: {n_feasible} feasible, {len(pts) - n_feasible - len(failed)} infeasible,"
         f" {len(failed)} failed" + (f" ({', '.join(f'#{p.number} {p.reason}' for p in failed)})" if failed else ""))
     for line in pool_events:
-        say("worker pool: " + line)
+        if line.startswith("retired"):  # restarts were reported as they happened; retirements bear repeating
+            say("worker pool: " + line)
     if chosen is None:
         worst = least_violating(pts)
         hint = (f" closest: trial {worst.number} with PPL {worst.ppl:.4f} ({worst.knobs})" if worst else "")

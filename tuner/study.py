@@ -152,7 +152,7 @@ def run_study(opts: StudyOptions, stream: TextIO | None = None) -> StudyOutcome:
     mlflow_uri = opts.mlflow_uri or study.user_attrs.get("mlflow_uri") or default_tracking_uri(study_dir)
     tracker = Tracker(mlflow_uri, study_dir / "mlartifacts")
     say = lambda text: print(text, file=stream, flush=True)  # noqa: E731
-    say(f"study '{study.study_name}' in {study_dir} ({len(study.trials)} trials so far)")
+    say(f"study '{study.study_name}' in {study_dir} ({len(finished(study.get_trials(deepcopy=False)))} trials so far)")
 
     with RaySession(opts, profile, space, packed, say) as session:
         infos = session.infos
