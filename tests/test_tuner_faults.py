@@ -97,3 +97,19 @@ def test_worker_killed_mid_trial_fails_that_trial_and_study_goes_on(tmp_path):
     text = log.read_text()
     assert "trial 0 failed (crash)" in text and "restarting slot 0" in text
     assert load_recipe(recipe).study.trial_number in (1, 2)
+
+
+def test_trials_past_their_time_limit_fail_as_timeout_and_a_failing_worker_is_retired(tmp_path, capsys):
+    from tuner.cli import main
+
+    space = tiny_space(tmp_path, **SLOW)
+    code = main(["tiny-gemma4", "--gpu", "cpu", "--trials", "4", "--search-space", str(space), "--study-dir",
+                 str(tmp_path / "run"), "--study-name", "to", "--ppl-max", "1e9", "--trial-timeout", "0.01"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("vkae-tune: error: every worker was taken out of the pool") and "timeout" in last
+    trials = load_study(tmp_path / "run", "to").get_trials()
+    assert [t.user_attrs.get("cause") for t in trials] == ["timeout"] * 3
+    assert all(t.state == TrialState.FAIL for t in trials)
+    assert err.count("worker pool: restarting slot 0") == 2 and "worker pool: retired slot 0" in err
