@@ -20,7 +20,7 @@ def compact_result(result: dict[str, Any]) -> dict[str, Any]:
     speed = result.get("speed") or {}
     metrics: dict[str, Any] = {
         "ppl": result.get("ppl"), "ppl_first_chunk": result.get("ppl_first_chunk"),
-        "ppl_tokens": result.get("ppl_tokens"),
+        "ppl_tokens": result.get("ppl_tokens"), "ppl_estimated": 1 if result.get("ppl_estimated") else None,
         "tps": speed.get("tps"), "tps_decode": speed.get("tps_decode"),
         "tps_per_stream": speed.get("tps_per_stream"), "tps_min": speed.get("tps_min"),
         "tps_max": speed.get("tps_max"), "mean_accepted": speed.get("mean_accepted"),

@@ -172,7 +172,8 @@ def run_study(opts: StudyOptions, stream: TextIO | None = None) -> StudyOutcome:
         elif study.user_attrs["hardware"].get("gpu_name") != hardware.get("gpu_name") and not opts.allow_gpu_mismatch:
             raise StudyError(f"--resume: the study ran on {study.user_attrs['hardware'].get('gpu_name')},"
                              f" the workers now run on {hardware.get('gpu_name')} (--allow-gpu-mismatch to go on)")
-        ppl_limit = _quality_limit(study, space, session, say)
+        reference = _quality_limit(study, space, session, say)
+        ppl_limit = reference["ppl_limit"]
 
         requeued = requeue_interrupted(study)
         if requeued:
@@ -188,7 +189,7 @@ def run_study(opts: StudyOptions, stream: TextIO | None = None) -> StudyOutcome:
         _log_missing_trials(study, tracker, hardware, profile.name)
 
         w = space.workload
-        plan = {"ppl_limit": ppl_limit, "first_chunk_records": w.first_chunk_records, "output_tokens": w.output_tokens,
+        plan = {**reference, "first_chunk_records": w.first_chunk_records, "output_tokens": w.output_tokens,
                 "repeats": w.repeats, "warmup": w.warmup, "lossless_prompts": w.lossless.prompts,
                 "lossless_tokens": w.lossless.output_tokens}
         done = sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
@@ -199,20 +200,23 @@ def run_study(opts: StudyOptions, stream: TextIO | None = None) -> StudyOutcome:
         return finalize_study(study, space, opts, profile.name, ppl_limit, tracker, study_dir, session.pool.events, say)
 
 
-def _quality_limit(study: optuna.Study, space: SearchSpace, session: "RaySession", say) -> float:
+def _quality_limit(study: optuna.Study, space: SearchSpace, session: "RaySession", say) -> dict[str, float]:
+    """The default knobs' PPL (full set and first chunk), measured once per study, and the limit."""
     if "ppl_limit" in study.user_attrs:
-        return float(study.user_attrs["ppl_limit"])
+        return {k: float(study.user_attrs[k]) for k in ("ppl_limit", "baseline_ppl", "baseline_ppl_first_chunk")}
+    say("measuring the default knobs' PPL (full window, plain decode): the quality reference...")
+    base = session.call_one("baseline_ppl", (space.workload.first_chunk_records,), timeout_s=space.load_timeout_s)  # setup, not a trial
+    baseline = float(base["ppl"])
     if space.quality.ppl_max is not None:
-        limit, baseline = float(space.quality.ppl_max), None
+        limit = float(space.quality.ppl_max)
+        say(f"default PPL {baseline:.4f}; limit {limit:.4f} (--ppl-max)")
     else:
-        say("measuring the model's own full-window plain-decode PPL (the reference for --ppl-max-ratio)...")
-        base = session.call_one("baseline_ppl", (), timeout_s=space.trial_timeout_s)
-        baseline = float(base["ppl"])
         limit = baseline * float(space.quality.ppl_max_ratio)
-        say(f"baseline PPL {baseline:.4f} x {space.quality.ppl_max_ratio} -> limit {limit:.4f}")
-    study.set_user_attr("baseline_ppl", baseline)
-    study.set_user_attr("ppl_limit", limit)
-    return limit
+        say(f"default PPL {baseline:.4f} x {space.quality.ppl_max_ratio} -> limit {limit:.4f}")
+    values = {"ppl_limit": limit, "baseline_ppl": baseline, "baseline_ppl_first_chunk": float(base["ppl_first_chunk"])}
+    for key, value in values.items():
+        study.set_user_attr(key, value)
+    return values
 
 
 def _run_tags(hardware: dict[str, Any], profile: str) -> dict[str, str]:

@@ -6,6 +6,7 @@ oom, crash or timeout, and retires a slot (a GPU) that fails `max_failures` time
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 import traceback
@@ -71,11 +72,18 @@ class TrialActor:
                 "node_id": ctx.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "load_seconds": round(self.load_seconds, 3)}
 
-    def baseline_ppl(self) -> dict[str, Any]:
-        """Full-window, plain-decode PPL over every record: the reference for `ppl_max_ratio`."""
+    def baseline_ppl(self, first_chunk_records: int) -> dict[str, Any]:
+        """Default knobs (trained window, plain decode): PPL over every record and over the first chunk.
+        The reference for `ppl_max_ratio`, and for judging a trial from its first chunk alone."""
         def measure() -> dict[str, Any]:
             self.worker.set_knobs({})
-            return {"status": "ok", **self.worker.measure_ppl(self.workload.records)}
+            records = self.workload.records
+            first = self.worker.measure_ppl(records[:first_chunk_records])
+            rest = self.worker.measure_ppl(records[first_chunk_records:]) if len(records) > first_chunk_records \
+                else {"nll_sum": 0.0, "tokens": 0}
+            tokens = first["tokens"] + rest["tokens"]
+            return {"status": "ok", "ppl": math.exp((first["nll_sum"] + rest["nll_sum"]) / tokens),
+                    "ppl_first_chunk": math.exp(first["nll_sum"] / first["tokens"]), "tokens": tokens}
         return self._guarded(measure)
 
     def run_trial(self, knobs: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
