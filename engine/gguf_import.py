@@ -219,6 +219,10 @@ def materialize_gemma3_270m(cache_dir: Path | None = None, gguf_path: Path | Non
             # Only an incomplete leftover can be here (complete folders returned above); our
             # writes never produce one, but a hand-edited cache could.
             raise GGUFImportError(f"{folder} exists but is not a complete conversion; delete it and retry")
+        # Under the lock nobody else is converting, so any temp dir left here was abandoned by a
+        # killed conversion (SIGKILL skips our cleanup): reclaim its ~1 GB.
+        for stale in folder.parent.glob(f".{folder.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
         try:
             if gguf_path is None:
