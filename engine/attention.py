@@ -50,7 +50,6 @@ def attend_cache(q: torch.Tensor, cache, positions: torch.Tensor, window: int | 
     if q.is_cuda and _TRITON_ATTENTION:
         from kernels.decode_attention import decode_attention
 
-        return decode_attention(q, cache.k, cache.v, cache.slot_pos, positions.to(torch.int32), window or 0,
-                                scale, softcap)
+        return decode_attention(q, cache.k, cache.v, cache.slot_pos, positions, window or 0, scale, softcap)
     mask = visibility(positions, cache.slot_pos, window)
     return attend(q.transpose(1, 2), cache.k, cache.v, mask, scale, softcap).transpose(1, 2)

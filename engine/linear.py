@@ -7,9 +7,18 @@ matrix at load time (QKV, gate+up) so decode reads each activation once and laun
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Decode/verify widths (<= 16 rows) on CUDA: "auto" sends matrices up to SMALL_MATRIX elements to the
+# Triton GEMV (cuBLAS tiles leave most SMs idle on 2560x2048-sized weights), "all" sends every matrix,
+# "off" keeps cuBLAS everywhere. Read at call time, so a benchmark can A/B it in one process.
+GEMV_POLICY = os.environ.get("VKAE_GEMV", "auto")
+SMALL_MATRIX = 16 * 2**20
+MAX_GEMV_ROWS = 16
 
 
 class Linear(nn.Module):
@@ -28,6 +37,11 @@ class Linear(nn.Module):
         return self.weight.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and GEMV_POLICY != "off" and x.numel() <= MAX_GEMV_ROWS * x.shape[-1] and (
+                GEMV_POLICY == "all" or self.weight.numel() <= SMALL_MATRIX):
+            from kernels.gemv import linear_small_m
+
+            return linear_small_m(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight)
 
     @classmethod

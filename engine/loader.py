@@ -256,8 +256,11 @@ def make_random_weights(arch: ArchConfig, device: str, dtype: torch.dtype, seed:
         if name.endswith("layer_scalar"):
             out[name] = torch.ones(shape, device=device, dtype=dtype)
         elif len(shape) == 1:
-            base = 0.0 if arch.norm_plus_one else 1.0
-            out[name] = (base + 0.1 * torch.randn(shape, generator=gen, device=device)).to(dtype)
+            # q/k norms at d^-0.25 keep random attention logits O(1) (trained checkpoints learn such a
+            # scale); at 1.0 softmax is near one-hot and bf16 rounding flips its choices chaotically.
+            target = shape[0] ** -0.25 if name.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
+            base = target - 1.0 if arch.norm_plus_one else target
+            out[name] = (base + 0.1 * target * torch.randn(shape, generator=gen, device=device)).to(dtype)
         else:
             out[name] = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
     return out

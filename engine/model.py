@@ -188,19 +188,28 @@ class GemmaDecoder(nn.Module):
         No host synchronisation: safe to capture in a CUDA graph."""
         rope = {t: tab.lookup(positions) for t, tab in self.rope.items()}
         h, per_layer = self._embed(tokens)
-        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        B, T = tokens.shape
+        rows = torch.arange(B, device=tokens.device)[:, None].expand(B, T)
         write_pos = positions.clamp(min=0)
+        pos32 = positions.to(torch.int32)  # once per step, shared by every layer's write and attention
+        slots = {n: (write_pos % n) for n in {lc.slots for lc in cache.layers.values() if lc.ring}}
         eps, plus_one = self._eps()
         x = ops.norm(h, self.layers[0].norms["input_layernorm"], eps, plus_one)
         for layer in self.layers:
             cos, sin = rope[layer.layer_type]
-            q, k, v = self._qkv(layer, x, cos, sin)
             lc = cache.layers[layer.source]
+            parts = layer.qkv(x).split(layer.split, dim=-1)
+            q = ops.norm_rope(parts[0].view(B, T, layer.num_heads, layer.head_dim), layer.q_norm, cos, sin, eps,
+                              plus_one)
             if layer.owns_kv:
-                lc.write(rows, write_pos, k, v)
-            o = attend_cache(q, lc, positions, self._window(layer, window), self.arch.attn_scale,
+                k_raw = parts[1].view(B, T, layer.kv_heads, layer.head_dim)
+                v_raw = k_raw if layer.k_eq_v else parts[2].view(B, T, layer.kv_heads, layer.head_dim)
+                ops.write_kv(k_raw, v_raw, layer.k_norm, cos, sin, lc.k, lc.v, lc.slot_pos, rows,
+                             slots[lc.slots] if lc.ring else write_pos, pos32.clamp(min=0), eps, plus_one,
+                             self.arch.has_v_norm)
+            o = attend_cache(q, lc, pos32, self._window(layer, window), self.arch.attn_scale,
                              self.arch.attn_softcap)
-            h, x = self._layer_tail(layer, h, o.reshape(*h.shape[:2], -1), per_layer, self._next_norm(layer.index))
+            h, x = self._layer_tail(layer, h, o.reshape(B, T, -1), per_layer, self._next_norm(layer.index))
         return x
 
     # ---- head --------------------------------------------------------------------------

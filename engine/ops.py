@@ -60,6 +60,19 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
 
 
 @_fused
+def write_kv(k_raw: torch.Tensor, v_raw: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor, rows: torch.Tensor,
+             slots: torch.Tensor, pos32: torch.Tensor, eps: float, plus_one: bool, v_norm: bool) -> None:
+    """Decode/verify K/V: k-norm + RoPE, v-norm, and the scatter into the cache slots in one fused pass.
+    k_raw/v_raw [B, T, Hkv, D]; rows/slots [B, T]; caches [B, Hkv, S, D]; slot_pos [B, S]."""
+    k = apply_rope(rms_norm(k_raw, k_weight, eps, plus_one), cos, sin)
+    v = rms_norm(v_raw, None, eps, False) if v_norm else v_raw
+    k_cache[rows, :, slots] = k
+    v_cache[rows, :, slots] = v
+    slot_pos[rows, slots] = pos32
+
+
+@_fused
 def scale_free_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma 4's v-norm."""
     return rms_norm(x, None, eps, False)

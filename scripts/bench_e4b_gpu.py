@@ -60,7 +60,24 @@ def build_hf(raw: dict):
     with torch.device(DEV):
         model = Gemma4ForCausalLM(cfg)
     torch.set_default_dtype(prev)
+    with torch.no_grad():  # same sane attention scale as the engine's random weights (engine/loader.py)
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.fill_(p.shape[0] ** -0.25)
     return model.eval()
+
+
+def memory_at_4k() -> dict:
+    """Engine alone in a fresh process: E4B bf16, batch 1, a 4K context (prompt + 128 new tokens)."""
+    from engine.loader import load_model
+
+    lm = load_model("gemma-4-e4b", device="cuda", dtype=torch.bfloat16, random_weights=True)
+    gen = Generator(lm, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
+    gen.generate([list(range(3, 3 + 4096 - 128 - 16))], 128)
+    torch.cuda.synchronize()
+    return {"peak_memory_4k_bytes": torch.cuda.max_memory_allocated(),
+            "peak_reserved_4k_bytes": torch.cuda.max_memory_reserved(),
+            "weights_bytes": sum(p.numel() * p.element_size() for p in lm.model.parameters())}
 
 
 def time_graph_steps(gen: Generator, width: int, iters: int = 50) -> float:
@@ -111,7 +128,11 @@ def main() -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--memory-only", action="store_true")
     args = ap.parse_args()
+    if args.memory_only:
+        print(json.dumps(memory_at_4k()))
+        return 0
     res: dict = {"weights": "random", "geometry": "gemma-4-e4b", "dtype": "bfloat16",
                  "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     import transformers
@@ -153,6 +174,25 @@ def main() -> int:
                engine_tps_decode=tps["tps_decode"])
     print(f"engine TPS {tps['tps']:.1f} (decode-only {tps['tps_decode']:.1f})", flush=True)
 
+    # 3b. A/B of the decode-path choices, same process, same weights
+    import engine.attention as attention_mod
+    import engine.linear as linear_mod
+
+    variants = {}
+    for gemv in ("off", "auto", "all"):
+        linear_mod.GEMV_POLICY = gemv
+        g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
+        variants[f"gemv={gemv}"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
+        del g_ab
+    linear_mod.GEMV_POLICY = "auto"
+    attention_mod._TRITON_ATTENTION = False
+    g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
+    variants["attention=sdpa"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
+    del g_ab
+    attention_mod._TRITON_ATTENTION = True
+    res["variants_tps"] = variants
+    print("variants (TPS, 128 new tokens):", json.dumps({k: round(v, 1) for k, v in variants.items()}), flush=True)
+
     # 5. step times at batch / verify widths
     steps = {}
     prefill_rows(gen, 256)
@@ -189,17 +229,11 @@ def main() -> int:
     gc.collect()
     torch.cuda.empty_cache()
 
-    # 6. memory: engine alone, batch 1 at a 4K context
-    from engine.loader import load_model
+    # 6. memory: engine alone, in a fresh process (nothing left over from the runs above)
+    import subprocess
 
-    torch.cuda.reset_peak_memory_stats()
-    lm = load_model("gemma-4-e4b", device="cuda", dtype=torch.bfloat16, random_weights=True)
-    gen = Generator(lm, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
-    long_prompt = list(range(3, 3 + 4096 - 128 - 16))
-    gen.generate([long_prompt], 128)
-    torch.cuda.synchronize()
-    res["peak_memory_4k_bytes"] = torch.cuda.max_memory_allocated()
-    res["weights_bytes"] = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    mem = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-only"], capture_output=True, text=True)
+    res.update(json.loads(mem.stdout.strip().splitlines()[-1]))
 
     res["engine_vs_hf"] = res.get("engine_tps", 0) / res["hf_static_tps"] if "hf_static_tps" in res else None
     res["engine_floor_fraction"] = res["engine_tps"] / res["floor_tps"]
@@ -210,7 +244,7 @@ def main() -> int:
             ("transformers static generate", f"{res.get('hf_static_tps', float('nan')):.1f} TPS"),
             ("engine / transformers", f"{res['engine_vs_hf'] or float('nan'):.2f}x"),
             ("logits max|diff| / top-1", f"{res['logits_max_abs_diff']:.4f} / {100 * res['top1_agreement']:.2f}%"),
-            ("peak memory b1 @4K", f"{res['peak_memory_4k_bytes'] / 2**30:.2f} GiB (weights {res['weights_bytes'] / 2**30:.2f})")]
+            ("peak memory b1 @4K", f"{res['peak_memory_4k_bytes'] / 2**30:.2f} GiB (weights {res['weights_bytes'] / 2**30:.2f}, reserved {res['peak_reserved_4k_bytes'] / 2**30:.2f})")]
     for k, v in rows:
         print(f"{k:<32} {v}")
     print("kernel profile (eager step, batch 1):")
