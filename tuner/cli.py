@@ -27,6 +27,14 @@ def _engine_command(name: str) -> Callable[[list[str]], int | None]:
     return run
 
 
+def _server_command(module: str, name: str) -> Callable[[list[str]], int | None]:
+    def run(argv: list[str]) -> int | None:
+        import importlib  # the server package is imported lazily too (torch, fastapi)
+
+        return getattr(importlib.import_module(f"server.{module}"), f"{name}_main")(argv)
+    return run
+
+
 def models_main(argv: list[str]) -> int:
     from .profiles import format_profiles
     from .search_space import shipped_search_spaces
@@ -55,6 +63,9 @@ COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
     "bench": _engine_command("bench"),
     "generate": _engine_command("generate"),
     "models": models_main,
+    "serve": _server_command("serve_cli", "serve"),
+    "verify": _server_command("verify", "verify"),
+    "export": _server_command("export", "export"),
 }
 
 
