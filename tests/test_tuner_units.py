@@ -86,10 +86,11 @@ def test_text_to_records_cuts_equal_records():
 
 
 def test_pareto_front_and_choice():
-    pts = [TrialPoint(0, "complete", True, 10.0, 2.0), TrialPoint(1, "complete", True, 20.0, 2.3),
-           TrialPoint(2, "complete", True, 15.0, 2.4),  # dominated by 1
-           TrialPoint(3, "complete", False, 50.0, 3.0),  # infeasible
-           TrialPoint(4, "failed", False, None, None), TrialPoint(5, "complete", True, 5.0, 1.9)]
+    pts = [TrialPoint(0, "complete", True, 10.0, 2.0, knobs={"a": 0}), TrialPoint(1, "complete", True, 20.0, 2.3, knobs={"a": 2}),
+           TrialPoint(2, "complete", True, 15.0, 2.4, knobs={"a": 3}),  # dominated by 1
+           TrialPoint(3, "complete", False, 50.0, 3.0, knobs={"a": 4}),  # infeasible
+           TrialPoint(4, "failed", False, None, None), TrialPoint(5, "complete", True, 5.0, 1.9, knobs={"a": 1}),
+           TrialPoint(6, "complete", True, 5.0, 1.9, knobs={"a": 1})]  # 6 repeats 5's knobs
     front = pareto_front(pts)
     assert [p.number for p in front] == [1, 0, 5]
     assert choose(front).number == 1

@@ -1,6 +1,7 @@
 """The Pareto front over finished trials (maximise TPS, minimise PPL, feasible only) and its plot."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,14 @@ def dominates(a: TrialPoint, b: TrialPoint) -> bool:
 
 
 def pareto_front(points: list[TrialPoint]) -> list[TrialPoint]:
-    """Feasible, measured points that no other feasible point dominates; fastest first. Exact duplicates
-    (same TPS and PPL) are all kept, as Optuna does."""
-    candidates = [p for p in points if p.feasible and p.tps is not None and p.ppl is not None]
+    """Feasible, measured points that no other feasible point dominates; fastest first. A trial that repeats
+    an earlier trial's knobs (its measurement reused) appears once, as the earlier trial."""
+    candidates, seen = [], set()
+    for p in sorted(points, key=lambda p: p.number):
+        key = json.dumps(p.knobs, sort_keys=True)
+        if p.feasible and p.tps is not None and p.ppl is not None and key not in seen:
+            seen.add(key)
+            candidates.append(p)
     front = [p for p in candidates if not any(dominates(q, p) for q in candidates)]
     return sorted(front, key=lambda p: (-p.tps, p.ppl, p.number))
 

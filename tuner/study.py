@@ -268,6 +268,10 @@ def _drive(ctx: _Context, session: "RaySession", hardware: dict[str, Any], profi
             trial = study.ask()
             knobs = sample_knobs(trial, ctx.space.knobs)
             trial.set_user_attr("knobs", knobs)
+            if _reuse_measurement(ctx, trial, knobs):
+                _log_trial(study, ctx.tracker, trial.number, hardware, profile)
+                done += 1
+                continue
             trial.set_user_attr("worker", slot.where())
             pool.submit(slot, "run_trial", (knobs, ctx.plan), payload=trial, timeout_s=ctx.space.trial_timeout_s)
             _event(ctx, "trial_started", trial=trial.number, pid=slot.info["pid"], slot=slot.index, knobs=knobs)
@@ -284,6 +288,24 @@ def _drive(ctx: _Context, session: "RaySession", hardware: dict[str, Any], profi
             ctx.progress.message("worker pool: " + line)
         ctx._seen_events = list(pool.events)  # type: ignore[attr-defined]
     ctx.progress.close()
+
+
+def _reuse_measurement(ctx: _Context, trial: optuna.Trial, knobs: dict[str, Any]) -> bool:
+    """TPE may propose knobs that already ran (small discrete spaces). Re-running them would spend the
+    budget on a known point, so the earlier measurement is told again, marked as a repeat."""
+    for earlier in ctx.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if earlier.user_attrs.get("knobs") == knobs and "repeat_of" not in earlier.user_attrs:
+            for key in ("status", "reason", "metrics", "lossless", "worker"):
+                if key in earlier.user_attrs:
+                    trial.set_user_attr(key, earlier.user_attrs[key])
+            trial.set_user_attr("repeat_of", earlier.number)
+            for name, value in earlier.constraints.items():
+                trial.set_constraint(name, value)
+            ctx.study.tell(trial, list(earlier.values))
+            _event(ctx, "trial_repeated", trial=trial.number, repeat_of=earlier.number)
+            ctx.progress.message(f"trial {trial.number} repeats the knobs of trial {earlier.number}: measurement reused")
+            return True
+    return False
 
 
 def _front_summary(study: optuna.Study) -> tuple[float | None, int]:
