@@ -81,9 +81,9 @@ def tune_parser() -> argparse.ArgumentParser:
     q.add_argument("--ppl-max", type=float, metavar="X", help="quality limit: PPL <= X")
     q.add_argument("--ppl-max-ratio", type=float, metavar="R",
                    help="quality limit: PPL <= R x the model's own full-window plain-decode PPL")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--workers", type=int, metavar="N", help="number of workers (default: one per GPU; 1 on cpu)")
-    w.add_argument("--ray-address", metavar="ADDR", help="join an existing Ray cluster instead of starting one")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="number of workers (default: one per GPU; on cpu 1, or one per node of a joined cluster)")
+    p.add_argument("--ray-address", metavar="ADDR", help="join an existing Ray cluster instead of starting one")
     p.add_argument("--study-dir", type=Path, metavar="DIR", help="study folder (default study/<study name>)")
     p.add_argument("--study-name", metavar="NAME", help="study name (default <model>-<gpu>)")
     p.add_argument("--resume", action="store_true", help="continue an existing study")

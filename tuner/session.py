@@ -57,7 +57,8 @@ class RaySession:
                 raise StudyError(f"--workers {workers}: the Ray cluster has only {gpus} GPU(s)")
             cpus_per_worker = 1.0
         else:
-            workers = self.opts.workers or 1
+            nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+            workers = self.opts.workers or (nodes if self.opts.ray_address else 1)
             if workers > cpus:
                 raise StudyError(f"--workers {workers}: the Ray cluster has only {cpus} CPU(s)")
             cpus_per_worker = float(max(1, cpus // workers))
