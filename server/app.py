@@ -271,8 +271,8 @@ async def _chat_chunks(streams: StreamSet, meta: dict, req: ChatRequest) -> Asyn
         if c.error:
             yield _stream_error(c)
             return
-        if not d.text and not d.finished and not (req.logprobs and d.tokens):
-            continue
+        if not d.text and not d.finished and not ((req.logprobs or req.return_token_ids) and d.tokens):
+            continue  # nothing the client asked for changed (e.g. a token whose text is held back)
         choice: dict[str, Any] = {"index": 0, "delta": {"content": d.text} if d.text else {},
                                   "finish_reason": c.finish_reason if d.finished else None}
         if req.logprobs and d.tokens:
