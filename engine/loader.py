@@ -307,13 +307,15 @@ def load_model(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32
     return loaded
 
 
-def model_from_hf_state_dict(arch_raw: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> GemmaDecoder:
-    """Build the engine model from a transformers state dict (tests compare against the reference this way)."""
+def model_from_hf_state_dict(arch_raw: dict[str, Any], state_dict: dict[str, torch.Tensor],
+                             clone: bool = True) -> GemmaDecoder:
+    """Build the engine model from a transformers state dict (tests compare against the reference this way).
+    clone=False shares the unfused tensors with the reference (saves memory at full geometry)."""
     arch = arch_from_dict(arch_raw)
     weights = {}
     for name, t in state_dict.items():
         short = _text_name(name)
         if short is not None:
-            weights[short] = t.detach().clone()
+            weights[short] = t.detach().clone() if clone else t.detach()
     check_weights(arch, weights, "state dict")
     return GemmaDecoder(arch, weights).eval()

@@ -165,11 +165,20 @@ class GemmaDecoder(nn.Module):
                 if cache is not None:
                     self._write_prefill(cache, layer.index, rows, positions, k, v)
             k, v = fresh_kv[layer.source]
-            o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), masks[layer.layer_type],
-                       self.arch.attn_scale, self.arch.attn_softcap)
+            o = self._attend_chunked(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), masks[layer.layer_type])
             h, x = self._layer_tail(layer, h, o.transpose(1, 2).reshape(*h.shape[:2], -1), per_layer,
                                     self._next_norm(layer.index))
         return x
+
+    def _attend_chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                        chunk: int = 1024) -> torch.Tensor:
+        """Attention for long fresh sequences in query chunks: bounds the [T, S] score memory (a 4K
+        prompt on a 24 GB card) without changing any result."""
+        a = self.arch
+        if q.shape[2] <= chunk:
+            return attend(q, k, v, mask, a.attn_scale, a.attn_softcap)
+        return torch.cat([attend(q[:, :, i:i + chunk], k, v, mask[:, :, i:i + chunk], a.attn_scale, a.attn_softcap)
+                          for i in range(0, q.shape[2], chunk)], dim=2)
 
     @staticmethod
     def _write_prefill(cache: KVCache, i: int, rows: torch.Tensor, positions: torch.Tensor,
@@ -192,6 +201,7 @@ class GemmaDecoder(nn.Module):
         rows = torch.arange(B, device=tokens.device)[:, None].expand(B, T)
         write_pos = positions.clamp(min=0)
         pos32 = positions.to(torch.int32)  # once per step, shared by every layer's write and attention
+        write_pos32 = write_pos.to(torch.int32)
         slots = {n: (write_pos % n) for n in {lc.slots for lc in cache.layers.values() if lc.ring}}
         eps, plus_one = self._eps()
         x = ops.norm(h, self.layers[0].norms["input_layernorm"], eps, plus_one)
@@ -205,7 +215,7 @@ class GemmaDecoder(nn.Module):
                 k_raw = parts[1].view(B, T, layer.kv_heads, layer.head_dim)
                 v_raw = k_raw if layer.k_eq_v else parts[2].view(B, T, layer.kv_heads, layer.head_dim)
                 ops.write_kv(k_raw, v_raw, layer.k_norm, cos, sin, lc.k, lc.v, lc.slot_pos, rows,
-                             slots[lc.slots] if lc.ring else write_pos, pos32.clamp(min=0), eps, plus_one,
+                             slots[lc.slots] if lc.ring else write_pos, write_pos32, eps, plus_one,
                              self.arch.has_v_norm)
             o = attend_cache(q, lc, pos32, self._window(layer, window), self.arch.attn_scale,
                              self.arch.attn_softcap)

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from ._common import HAS_TRITON, INTERPRET, cdiv, next_pow2, num_sms, tl, triton, use_triton
 
 MAX_M = 16
+# Split K when fewer than SPLIT_BELOW_WAVES x (SM count) programs would run (module global so a
+# benchmark can A/B it; the split's reduction kernel costs ~1.3 us on an H100).
+SPLIT_BELOW_WAVES = 2.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +112,7 @@ def gemv_config(M: int, N: int, K: int, elem_bytes: int, sms: int) -> dict[str, 
         block_m, block_n, block_k = max(16, next_pow2(M)), 32, 128 if elem_bytes <= 2 else 64
     n_progs = cdiv(N, block_n)
     split_k = 1
-    if n_progs < 2 * sms:  # too few programs to keep every SM streaming: split K
+    if n_progs < SPLIT_BELOW_WAVES * sms:  # too few programs to keep every SM streaming: split K
         max_split = max(1, K // (2 * block_k))  # every split walks >= 2 tiles
         split_k = max(1, min(cdiv(2 * sms, n_progs), max_split, 64))
     k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k

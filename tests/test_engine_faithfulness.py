@@ -127,3 +127,15 @@ def test_sampling_is_seeded_and_respects_top_k() -> None:
     a, b = g.generate(prompts, 12, s).tokens, g.generate(prompts, 12, s).tokens
     assert a == b
     assert a != g.generate(prompts, 12, SamplingParams(temperature=1.5, top_p=0.9, seed=12)).tokens
+
+
+def test_chunked_prefill_attention_equals_whole() -> None:
+    _, eng = _pair(CONFIGS["gemma4-e4b-style"])
+    from engine.attention import visibility
+
+    B, H, T, D = 2, 4, 37, 16
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, 2, T, D), torch.randn(B, 2, T, D)
+    pos = torch.arange(T)[None].expand(B, -1)
+    mask = visibility(pos, pos, 5)
+    whole = eng._attend_chunked(q, k, v, mask, chunk=1024)
+    assert torch.allclose(eng._attend_chunked(q, k, v, mask, chunk=8), whole, atol=1e-6)
