@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from engine.errors import UserError
 from engine.generate import Generator
 from engine.sampling import SamplingParams, filtered_probs, sample
 
@@ -165,10 +166,14 @@ class Scheduler:
             req = self._next_pending()
             if req is None:
                 return
-            if req.prompt_logprobs is not None:
-                req.sink(PromptLogprobsEvent(prompt_logprobs(self.g.model, req.prompt, self.g.window,
-                                                             req.prompt_logprobs)))
-            last = self.g.prefill(req.prompt, row)[None, None]  # [1, 1, H]
+            try:
+                if req.prompt_logprobs is not None:
+                    req.sink(PromptLogprobsEvent(prompt_logprobs(self.g.model, req.prompt, self.g.window,
+                                                                 req.prompt_logprobs)))
+                last = self.g.prefill(req.prompt, row)[None, None]  # [1, 1, H]
+            except UserError as exc:  # a request the HTTP checks let through fails alone, not the engine
+                req.sink(ErrorEvent(str(exc)))
+                continue
             state = _Row(req)
             if not req.sampling.greedy:
                 state.gen = torch.Generator(device=self.g.device)
