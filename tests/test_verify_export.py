@@ -31,12 +31,15 @@ def _verify(capsys, *args: str) -> tuple[int, dict, str]:
 
 # TPS of a 0.4M-parameter model on a 2-core CPU shared with other jobs swings several-fold between runs (seen:
 # claims of 40 and 422 tok/s, re-measured 117 to 475), so CI checks the TPS comparison at 10 % of the claim;
-# the 95 % default is for GPUs. test_verify_fails_when_the_tps_claim_is_out_of_reach shows the check can fail.
+# the 95 % default is for GPUs (bar 3 on GPU is the device owner's run). test_verify_fails_when_the_tps_claim_is_out_of_reach shows the check can fail.
 CPU_TPS_RATIO = "0.1"
 
 
 def test_verify_passes_on_a_fresh_recipe(recipe_path, capsys):
-    code, report, out = _verify(capsys, str(recipe_path), "--min-tps-ratio", CPU_TPS_RATIO)
+    for _ in range(3):  # a burst of load from other jobs can still sink one TPS run: up to 3 attempts
+        code, report, out = _verify(capsys, str(recipe_path), "--min-tps-ratio", CPU_TPS_RATIO)
+        if code == 0:
+            break
     assert code == 0, out
     checks = {c["check"]: c for c in report["checks"]}
     assert list(checks) == ["recipe", "gpu", "weights", "workload", "ppl", "tps"]
