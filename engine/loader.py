@@ -262,7 +262,8 @@ def make_random_weights(arch: ArchConfig, device: str, dtype: torch.dtype, seed:
             base = target - 1.0 if arch.norm_plus_one else target
             out[name] = (base + 0.1 * target * torch.randn(shape, generator=gen, device=device)).to(dtype)
         else:
-            out[name] = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
+            # drawn in the target dtype: an fp32 draw of the 262144 x 10752 PLE table would need 11 GB
+            out[name] = torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(0.02)
     return out
 
 

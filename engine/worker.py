@@ -102,6 +102,12 @@ class EngineWorker:
         self.knobs = Knobs()
         self._generator: Generator | None = None
 
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (encode, decode, bos_id, eos_ids, apply_chat_template), or None for
+        geometry-only random-weight runs of real models, which work on token ids only."""
+        return self.loaded.tokenizer
+
     # ---- knobs -------------------------------------------------------------------------
     def set_knobs(self, knobs: Knobs | dict[str, Any]) -> None:
         if isinstance(knobs, dict):

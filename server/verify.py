@@ -82,7 +82,7 @@ def run_verify(a: argparse.Namespace) -> Report:
         return report
     report.add("weights", True, note="random" if recipe.model.weights == "random" else "sha256 of every file matches")
     try:
-        work = rebuild_workload(recipe, worker.loaded.tokenizer, a.data_dir)
+        work = rebuild_workload(recipe, worker.tokenizer, a.data_dir)
     except WorkloadMismatch as exc:
         report.add("workload", False, note=str(exc))
         return report

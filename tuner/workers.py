@@ -34,10 +34,8 @@ def classify_exception(exc: BaseException) -> str:
 
 
 def _tokenizer_of(worker: Any) -> Any:
-    """The loaded model's tokenizer. `EngineWorker.tokenizer` is the requested public accessor; until the
-    engine exposes it, read it from the loaded model the worker holds."""
-    tokenizer = getattr(worker, "tokenizer", None)
-    return tokenizer if tokenizer is not None else worker.loaded.tokenizer
+    """The loaded model's tokenizer (None for geometry-only random-weight models)."""
+    return worker.tokenizer
 
 
 def _error_line(exc: BaseException) -> str:
