@@ -24,7 +24,7 @@ def _fused(fn: Callable) -> Callable:
                 import torch._dynamo
 
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-                compiled.append(torch.compile(fn, dynamic=False, fullgraph=True))
+                compiled.append(torch.compile(fn, fullgraph=True))  # static first, one dynamic recompile
             return compiled[0](*args, **kwargs)
         return fn(*args, **kwargs)
 
