@@ -25,3 +25,19 @@ class ByteTokenizer:
         if add_generation_prompt:
             text += "<model>"
         return self.encode(text)
+
+
+class IdsOnlyTokenizer:
+    """Stands in for the tokenizer of a geometry-only random-weight model: token-id workloads (synthetic
+    prompts, JSONL ids) work; anything that needs text fails with a clear message."""
+
+    def __init__(self, vocab_size: int, bos_id: int, eos_ids: tuple[int, ...], model: str) -> None:
+        self.vocab_size, self.bos_id, self.eos_ids, self.pad_id, self.model = vocab_size, bos_id, eos_ids, 0, model
+
+    def _no_text(self, *_: object, **__: object):
+        from .errors import UserError
+
+        raise UserError(f"{self.model}: random weights at this geometry come without a tokenizer; "
+                        "use token-id prompts (synthetic or prompt_token_ids)")
+
+    encode = decode = apply_chat_template = _no_text

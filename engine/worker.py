@@ -104,9 +104,14 @@ class EngineWorker:
 
     @property
     def tokenizer(self) -> Any:
-        """The model's tokenizer (encode, decode, bos_id, eos_ids, apply_chat_template), or None for
-        geometry-only random-weight runs of real models, which work on token ids only."""
-        return self.loaded.tokenizer
+        """The model's tokenizer (encode, decode, bos_id, eos_ids, vocab_size, apply_chat_template). For
+        geometry-only random-weight runs of real models: an ids-only stand-in whose text methods raise."""
+        if self.loaded.tokenizer is not None:
+            return self.loaded.tokenizer
+        from .byte_tokenizer import IdsOnlyTokenizer
+
+        a = self.loaded.arch
+        return IdsOnlyTokenizer(a.vocab_size, a.bos_token_id, a.eos_token_ids, self.loaded.name)
 
     # ---- knobs -------------------------------------------------------------------------
     def set_knobs(self, knobs: Knobs | dict[str, Any]) -> None:
