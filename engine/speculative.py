@@ -57,9 +57,35 @@ class MtpDrafter:
         pass
 
     def propose(self, gen: "Generator", state: "WaveState") -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        if gen.use_graphs and state.params.greedy:
+            return self._graphed(gen, state), None, True
         drafts, q = self.assistant.draft(gen, state.last, state.hidden, state.pos, self.k, self.top_k, state.params,
                                          state.rng)
         return drafts, q, True
+
+    def _graphed(self, gen: "Generator", state: "WaveState") -> torch.Tensor:
+        """Greedy drafting as one CUDA graph per generator: K assistant passes (about 20 small kernels
+        each) would otherwise be bound by Python launch overhead."""
+        g = getattr(gen, "_draft_graph", None)
+        if g is None or g[0] != (self.k, self.top_k):
+            last, hidden, pos = state.last.clone(), state.hidden.clone(), state.pos.clone()
+            run = lambda: self.assistant.draft(gen, last, hidden, pos, self.k, self.top_k,  # noqa: E731
+                                               SamplingParams(), None)[0]
+            side = torch.cuda.Stream(gen.device)
+            side.wait_stream(torch.cuda.current_stream(gen.device))
+            with torch.cuda.stream(side):
+                run()  # warm-up outside the capture (compiles, Triton JIT)
+            torch.cuda.current_stream(gen.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = run()
+            g = gen._draft_graph = ((self.k, self.top_k), graph, (last, hidden, pos), out)
+        _, graph, (last, hidden, pos), out = g
+        last.copy_(state.last)
+        hidden.copy_(state.hidden)
+        pos.copy_(state.pos)
+        graph.replay()
+        return out.clone()
 
 
 class WaveState:
