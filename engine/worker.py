@@ -113,6 +113,11 @@ class EngineWorker:
         a = self.loaded.arch
         return IdsOnlyTokenizer(a.vocab_size, a.bos_token_id, a.eos_token_ids, self.loaded.name)
 
+    @property
+    def text_tokenizer(self) -> Any:
+        """The real tokenizer, or None when the model has no text vocabulary (geometry-only random runs)."""
+        return self.loaded.tokenizer
+
     # ---- knobs -------------------------------------------------------------------------
     def set_knobs(self, knobs: Knobs | dict[str, Any]) -> None:
         if isinstance(knobs, dict):

@@ -36,7 +36,7 @@ def build_state(loaded: Any, served_name: str | None = None) -> Any:
     metrics = Metrics(names[0])
     scheduler = Scheduler(worker, metrics)
     scheduler.start()
-    tok = worker.tokenizer
+    tok = worker.text_tokenizer  # None: token ids only (no text in or out)
     eos = set(worker.loaded.arch.eos_token_ids) | set(getattr(tok, "eos_ids", ()) or ())
     return ServingState(scheduler=scheduler, metrics=metrics, tokenizer=tok, model_names=names,
                         vocab_size=worker.loaded.arch.vocab_size, max_context=worker.max_context, eos=eos,
