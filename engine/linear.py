@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Decode/verify widths (<= 16 rows) on CUDA: "auto" sends matrices up to SMALL_MATRIX elements to the
-# Triton GEMV (cuBLAS tiles leave most SMs idle on 2560x2048-sized weights), "all" sends every matrix,
-# "off" keeps cuBLAS everywhere. Read at call time, so a benchmark can A/B it in one process.
-GEMV_POLICY = os.environ.get("VKAE_GEMV", "auto")
+# Decode/verify widths (<= 16 rows) on CUDA: "all" (default) sends every matrix to the batch-invariant
+# Triton GEMV, so a verify of K+1 positions equals K+1 decode steps bit for bit (cuBLAS picks other
+# kernels for 1 and for 9 rows); "auto" only matrices up to SMALL_MATRIX elements; "off" keeps cuBLAS.
+# Read at call time, so a benchmark can A/B it in one process.
+GEMV_POLICY = os.environ.get("VKAE_GEMV", "all")
 SMALL_MATRIX = 16 * 2**20
 MAX_GEMV_ROWS = 16
 
@@ -37,17 +38,22 @@ class Linear(nn.Module):
         return self.weight.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and GEMV_POLICY != "off" and x.numel() <= MAX_GEMV_ROWS * x.shape[-1] and (
-                GEMV_POLICY == "all" or self.weight.numel() <= SMALL_MATRIX):
-            from kernels.gemv import linear_small_m
-
-            return linear_small_m(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight)
+        return matmul(x, self.weight)
 
     @classmethod
     def fused(cls, weights: list[torch.Tensor]) -> "Linear":
         """One matrix for several projections of the same input; split the output with `split_sizes`."""
         return cls(torch.cat(weights, dim=0).contiguous())
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T through the decode-width policy above (also used for the tied LM head)."""
+    if x.is_cuda and GEMV_POLICY != "off" and x.numel() <= MAX_GEMV_ROWS * x.shape[-1] and (
+            GEMV_POLICY == "all" or w.numel() <= SMALL_MATRIX):
+        from kernels.gemv import linear_small_m
+
+        return linear_small_m(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
+    return F.linear(x, w)
 
 
 def split_sizes(weights: list[torch.Tensor]) -> list[int]:

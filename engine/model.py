@@ -21,7 +21,7 @@ from . import ops
 from .attention import attend, attend_cache, visibility
 from .cache import KVCache
 from .config import FULL, SLIDING, ArchConfig
-from .linear import Linear
+from .linear import Linear, matmul
 from .rope import RopeTable
 
 
@@ -225,10 +225,10 @@ class GemmaDecoder(nn.Module):
     # ---- head --------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits in fp32, final softcap applied (the PPL and sampling path)."""
-        z = F.linear(hidden, self.lm_head).float()
+        z = matmul(hidden, self.lm_head).float()
         cap = self.arch.final_softcap
         return torch.tanh(z / cap) * cap if cap else z
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """Argmax token ids; the softcap is monotonic, so it is skipped."""
-        return F.linear(hidden, self.lm_head).argmax(dim=-1)
+        return matmul(hidden, self.lm_head).argmax(dim=-1)

@@ -13,10 +13,21 @@ import torch
 import torch.nn.functional as F
 
 _COMPILE = os.environ.get("VKAE_COMPILE_OPS", "1") != "0"
+# None: torch.compile's default (static first, then one dynamic-shape recompile); False: one static
+# kernel per shape (a 1-token decode and a K+1 verify then each get their own exactly-shaped kernel).
+COMPILE_DYNAMIC: bool | None = False
+_COMPILED: list[list[Callable]] = []
+
+
+def reset_compiled() -> None:
+    """Forget compiled kernels (a benchmark switching COMPILE_DYNAMIC in one process)."""
+    for holder in _COMPILED:
+        holder.clear()
 
 
 def _fused(fn: Callable) -> Callable:
     compiled: list[Callable] = []
+    _COMPILED.append(compiled)
 
     def run(*args, **kwargs):
         if _COMPILE and args[0].is_cuda:
@@ -24,7 +35,7 @@ def _fused(fn: Callable) -> Callable:
                 import torch._dynamo
 
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-                compiled.append(torch.compile(fn, fullgraph=True))  # static first, one dynamic recompile
+                compiled.append(torch.compile(fn, fullgraph=True, dynamic=COMPILE_DYNAMIC))
             return compiled[0](*args, **kwargs)
         return fn(*args, **kwargs)
 

@@ -22,6 +22,10 @@ MAX_M = 16
 # Split K when fewer than SPLIT_BELOW_WAVES x (SM count) programs would run (module global so a
 # benchmark can A/B it; the split's reduction kernel costs ~1.3 us on an H100).
 SPLIT_BELOW_WAVES = 2.0
+# Batch invariance: every M <= 16 runs the same tensor-core tile (rows padded to 16) with the same split,
+# so a row's result does not depend on how many rows share the call. A speculative verify of K+1
+# positions then computes each position bit-for-bit like a 1-token decode step (lossless greedy on GPU).
+BATCH_INVARIANT = False  # measured on an H100: not enough alone (attention and norms differ too)
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,10 +110,11 @@ def gemv_config(M: int, N: int, K: int, elem_bytes: int, sms: int) -> dict[str, 
     Narrow BLOCK_N (many programs, long contiguous K runs per row) won an H100 sweep
     (`scripts/bench_kernels.py --sweep`, bf16, CUDA-graphed, cold L2): within ~3% of the best
     config at every E4B shape, e.g. gate_up M=1 43 us (2.4 TB/s), lm_head 447 us (3.0 TB/s)."""
-    if M == 1:
+    if M == 1 and not BATCH_INVARIANT:
         block_m, block_n, block_k = 1, 16, 256 if elem_bytes <= 2 else 128
     else:
-        block_m, block_n, block_k = max(16, next_pow2(M)), 32, 128 if elem_bytes <= 2 else 64
+        block_m, block_n, block_k = (16 if BATCH_INVARIANT else max(16, next_pow2(M))), 32, \
+            128 if elem_bytes <= 2 else 64
     n_progs = cdiv(N, block_n)
     split_k = 1
     if n_progs < SPLIT_BELOW_WAVES * sms:  # too few programs to keep every SM streaming: split K
@@ -156,7 +161,7 @@ def linear_small_m_triton(x: torch.Tensor, w: torch.Tensor, split_k: int | None 
         x, w, y, part, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         y.stride(0), y.stride(1), cfg["k_per_split"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-        USE_DOT=M > 1, DOT_FP32=dot_fp32, EVEN_K=even_k,
+        USE_DOT=cfg["BLOCK_M"] > 1, DOT_FP32=dot_fp32, EVEN_K=even_k,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
         block = 1024
