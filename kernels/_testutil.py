@@ -48,3 +48,26 @@ def rerun_in_fresh_process(path: str, timeout_s: float = 300.0) -> None:
                           env=env, cwd=root, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise AssertionError(f"interpreter run of {path} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}")
+
+
+def interpreter_guards(run_here: bool, path: str):
+    """The two pieces every kernel test module needs, bound to that module:
+    an autouse fixture that skips its tests when this process cannot interpret, and the test that
+    then reruns the whole file in a child process. Use:
+        _needs_interpreter, test_interpreter_in_fresh_process = _testutil.interpreter_guards(RUN_HERE, __file__)
+    """
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def _needs_interpreter(request):
+        if not run_here and request.node.name != "test_interpreter_in_fresh_process":
+            pytest.skip("triton in this process compiles for the GPU; see test_interpreter_in_fresh_process")
+
+    def test_interpreter_in_fresh_process():
+        """When this process cannot interpret (triton imported earlier, or a GPU present), run the
+        whole file again in a child process under TRITON_INTERPRET=1."""
+        if run_here:
+            pytest.skip("already running under the interpreter")
+        rerun_in_fresh_process(path)
+
+    return _needs_interpreter, test_interpreter_in_fresh_process

@@ -17,18 +17,7 @@ import kernels._common as common  # noqa: E402
 import kernels.decode_attention as da  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _needs_interpreter(request):
-    if not RUN_HERE and request.node.name != "test_interpreter_in_fresh_process":
-        pytest.skip("triton in this process compiles for the GPU; see test_interpreter_in_fresh_process")
-
-
-def test_interpreter_in_fresh_process():
-    """When this process cannot interpret (triton imported earlier, or a GPU present), run the
-    whole file again in a child process under TRITON_INTERPRET=1."""
-    if RUN_HERE:
-        pytest.skip("already running under the interpreter")
-    _testutil.rerun_in_fresh_process(__file__)
+_needs_interpreter, test_interpreter_in_fresh_process = _testutil.interpreter_guards(RUN_HERE, __file__)
 
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3}  # max |triton - ref|, outputs are O(1)
