@@ -45,7 +45,8 @@ def test_study_runs_end_to_end(study_run):
     assert study_run["code"] == 0, log
     study = load_study(study_run["dir"], "ci")
     trials = study.get_trials()
-    assert len(trials) == TRIALS and all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials), log
+    # every trial completes: the drafters exist, so a failure here is a bug (faults are tested elsewhere)
+    assert len(trials) == TRIALS and all(t.state == TrialState.COMPLETE for t in trials), log
     assert trials[0].user_attrs["knobs"] == {"sliding_window": None, "batch_size": 1, "drafter": "none",
                                              "draft_tokens": 0, "centroid_top_k": None}  # the queued default
     assert f"trial {TRIALS}/{TRIALS}" in log and "Pareto front" in log
