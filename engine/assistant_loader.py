@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +9,7 @@ import torch
 from .assistant import Gemma4Assistant
 from .config import ArchConfig, arch_from_dict
 from .errors import ModelRefError
-from .loader import _weight_files, resolve
+from .loader import _weight_files, file_sha256, read_safetensors, resolve
 
 
 def _parse(raw: dict[str, Any], where: str) -> tuple[ArchConfig, dict[str, Any]]:
@@ -49,7 +48,7 @@ def _check_compatible(arch: ArchConfig, meta: dict[str, Any], target: ArchConfig
 
 
 def _random(arch: ArchConfig, meta: dict[str, Any], device: str, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
-    from .loader import expected_shapes, make_random_weights
+    from .loader import make_random_weights
 
     own = make_random_weights(arch, device, dtype, seed)
     keep = {k: v for k, v in own.items() if "k_proj" not in k and "v_proj" not in k and "k_norm" not in k}
@@ -61,24 +60,11 @@ def _random(arch: ArchConfig, meta: dict[str, Any], device: str, dtype: torch.dt
         keep["masked_embedding.centroids.weight"] = torch.randn(meta["num_centroids"], H, generator=gen,
                                                                 device=device, dtype=dtype).mul_(0.02)
         keep["masked_embedding.token_ordering"] = torch.randperm(arch.vocab_size, generator=gen, device=device)
-    assert expected_shapes  # shapes of the shared stack come from the same table as the target's
     return keep
 
 
-def _read(folder: Path, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    for f in _weight_files(folder):
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for name in sf.keys():
-                    t = sf.get_tensor(name)
-                    short = name[len("model."):] if name.startswith("model.") else name
-                    out[short] = t.to(device) if name.endswith("token_ordering") else t.to(device=device, dtype=dtype)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise ModelRefError(f"{f}: cannot read safetensors ({exc}); the file may be truncated or corrupt") from None
-    return out
+def _assistant_name(name: str) -> str:
+    return name[len("model."):] if name.startswith("model.") else name
 
 
 def load_assistant(ref: str, target: Any, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -94,13 +80,14 @@ def load_assistant(ref: str, target: Any, device: str = "cpu", dtype: torch.dtyp
             raise ModelRefError(f"{path}: cannot read config.json ({exc})") from None
     arch, meta = _parse(raw, where)
     _check_compatible(arch, meta, target.arch, where)
-    weights = _random(arch, meta, device, dtype, seed) if random_weights else _read(resolved.folder, device, dtype)
+    files = [] if random_weights else _weight_files(resolved.folder)
+    weights = (_random(arch, meta, device, dtype, seed) if random_weights
+               else read_safetensors(files, device, dtype, rename=_assistant_name))
     for name in ("pre_projection.weight", "post_projection.weight", "embed_tokens.weight", "norm.weight"):
         if name not in weights:
             raise ModelRefError(f"{resolved.folder or resolved.name}: assistant tensor '{name}' is missing")
     model = Gemma4Assistant(arch, weights, meta["num_centroids"], meta["top_k"], meta["ordered"]).eval()
-    model._describe = {"name": resolved.name, "weights": "random" if random_weights else
-                       {p.name: __import__("engine.loader", fromlist=["file_sha256"]).file_sha256(p)
-                        for p in _weight_files(resolved.folder)},
+    model._describe = {"name": resolved.name,
+                       "weights": "random" if random_weights else {p.name: file_sha256(p) for p in files},
                        "num_centroids": meta["num_centroids"], "default_top_k": meta["top_k"]}
     return model

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -188,18 +188,23 @@ def _text_name(name: str) -> str | None:
     return None
 
 
-def read_safetensors(files: list[Path], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_safetensors(files: list[Path], device: str, dtype: torch.dtype,
+                     rename: Callable[[str], str | None] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors under the names `rename` gives them (None: skip; default: text-decoder names). Floating
+    tensors are cast to `dtype`; integer buffers (an assistant's token ordering) keep theirs."""
     from safetensors import SafetensorError, safe_open
 
+    rename = rename or _text_name
     out: dict[str, torch.Tensor] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt", device="cpu") as sf:
                 for name in sf.keys():
-                    short = _text_name(name)
+                    short = rename(name)
                     if short is None:
                         continue
-                    out[short] = sf.get_tensor(name).to(device=device, dtype=dtype)
+                    t = sf.get_tensor(name)
+                    out[short] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise ModelRefError(f"{f}: cannot read safetensors ({exc}); the file may be truncated or corrupt") from None
     return out

@@ -114,3 +114,28 @@ def test_assistant_logits_match_transformers() -> None:
     for k in (1, 4, 16):  # the knob: fewer clusters -> fewer candidate tokens, argmax among them
         logits, cand = ours.head_logits(xn[:, 0], k)
         assert cand.shape[1] == k * (arch.vocab_size // meta["num_centroids"])
+
+
+def test_assistant_loads_from_a_saved_folder(tmp_path) -> None:
+    """A transformers-saved Gemma4AssistantForCausalLM folder loads as the drafter and stays lossless."""
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM
+
+    raw = copy.deepcopy(TINY_GEMMA4_ASSISTANT)
+    cfg = Gemma4AssistantConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    torch.manual_seed(21)
+    asst_hf = Gemma4AssistantForCausalLM(cfg).eval()
+    with torch.no_grad():
+        asst_hf.masked_embedding.token_ordering.copy_(torch.randperm(cfg.text_config.vocab_size))
+    asst_hf.save_pretrained(tmp_path / "asst")
+    from engine.assistant_loader import load_assistant
+
+    target = load_model("tiny-gemma4", random_weights=True, seed=4)
+    asst = load_assistant(str(tmp_path / "asst"), target)  # real (saved) weights, random-weight target
+    assert asst.num_centroids == 16 and isinstance(asst.describe()["weights"], dict)
+    assert torch.equal(asst.clusters.flatten(), asst_hf.masked_embedding.token_ordering)
+    assert torch.allclose(asst.centroids.weight, asst_hf.masked_embedding.centroids.weight)
+    prompts = _prompts(5)
+    plain = Generator(target, Knobs(batch_size=2), max_context=256, use_cuda_graphs=False).generate(prompts, 24)
+    spec = Generator(target, Knobs(batch_size=2, drafter="mtp", draft_tokens=3, centroid_top_k=2), max_context=256,
+                     use_cuda_graphs=False, assistant=asst).generate(prompts, 24)
+    assert spec.tokens == plain.tokens
