@@ -75,7 +75,8 @@ def test_kill_9_driver_then_resume_loses_no_finished_trial(tmp_path):
 
 
 def test_worker_killed_mid_trial_fails_that_trial_and_study_goes_on(tmp_path):
-    space = tiny_space(tmp_path, **SLOW)
+    # trials of several seconds: the kill must land while trial 0 is still running, also on a fast machine
+    space = tiny_space(tmp_path, **{**SLOW, "workload.output_tokens": 256, "workload.repeats": 3})
     study_dir, recipe = tmp_path / "run", tmp_path / "recipe.yaml"
     log = tmp_path / "driver.log"
     driver = start_driver(["tiny-gemma4", "--gpu", "cpu", "--trials", "3", "--search-space", str(space),

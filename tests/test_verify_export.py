@@ -129,7 +129,8 @@ def test_export_speculative_recipes(recipe_path, tmp_path, capsys):
     assert s["argv"][s["argv"].index("--speculative-num-draft-tokens") + 1] == "4"
 
     model = recipe.model.model_copy(update={"reference": "gemma-4-e4b", "name": "gemma-4-e4b"})
-    assistant = recipe.model.model_copy(update={"reference": "gemma-4-e4b-assistant", "name": "assistant",
+    # a folder reference exports as that folder (an alias would export as its HF repo id)
+    assistant = recipe.model.model_copy(update={"reference": "my-assistant", "name": "assistant",
                                                 "details": {"folder": "/models/gemma-4-E4B-it-assistant"}})
     mtp = _resealed(recipe, tmp_path / "mtp.yaml", model=model, assistant=assistant,
                     knobs={"sliding_window": None, "batch_size": 16, "drafter": "mtp", "draft_tokens": 2,
