@@ -2,7 +2,7 @@
 
 Gemma 4 global layers use *proportional* RoPE: only the first `rotary_pairs` frequencies are
 non-zero (exponent denominator = the full head_dim), the rest are zero so cos=1/sin=0 and those
-dims are position-free. Building the table that way lets one `apply_rope` serve every layer.
+dims are position-free. Building the table that way lets one `ops.apply_rope` serve every layer.
 """
 from __future__ import annotations
 
@@ -51,11 +51,3 @@ class RopeTable:
         p = positions.clamp(min=0)
         return self.cos[p].unsqueeze(2), self.sin[p].unsqueeze(2)
 
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin

@@ -39,7 +39,7 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """fp32 reference. Empty slots (slot_pos < 0) are zeroed first so that garbage (even NaN)
     in never-written cache memory cannot leak through 0 * NaN, matching the kernel."""
     B, T, Hq, D = q.shape
-    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[1]
     G = Hq // Hkv
     out = torch.empty(B, T, Hq, D, dtype=torch.float32, device=q.device)
     for b in range(B):  # one stream at a time bounds the fp32 score memory for long caches

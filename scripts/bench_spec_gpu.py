@@ -20,7 +20,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.generate import Generator  # noqa: E402
-from engine.knobs import Knobs  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from engine.worker import EngineWorker  # noqa: E402
 
