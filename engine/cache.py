@@ -6,7 +6,9 @@ each slot (-1 = empty). Sliding layers keep a ring buffer of S = window + MAX_DR
 query of that step still needs, so rejected drafts never force a re-prefill. Full layers keep a linear
 cache of S = max_context slots (slot = pos). Because every slot records its position, attention masks
 are computed from positions alone, stale entries from rejected drafts (position > query) are invisible,
-and all shapes are static, so a decode step can be captured as a CUDA graph.
+and all shapes are static, so a decode step can be captured as a CUDA graph. One extra physical slot
+(index S, `trash`) takes the writes of padding queries (position -1): its position stays -1, so it is
+never visible, and a padded row of a step can never overwrite a real key.
 """
 from __future__ import annotations
 
@@ -20,13 +22,16 @@ class LayerCache:
     def __init__(self, batch: int, kv_heads: int, slots: int, head_dim: int, ring: bool,
                  device: torch.device | str, dtype: torch.dtype) -> None:
         self.ring = ring
-        self.slots = slots
-        self.k = torch.zeros(batch, kv_heads, slots, head_dim, device=device, dtype=dtype)
+        self.slots = slots  # logical slots; physical slot `slots` is the trash slot
+        self.trash = slots
+        self.k = torch.zeros(batch, kv_heads, slots + 1, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.slot_pos = torch.full((batch, slots), -1, device=device, dtype=torch.int32)
+        self.slot_pos = torch.full((batch, slots + 1), -1, device=device, dtype=torch.int32)
 
     def slot_of(self, positions: torch.Tensor) -> torch.Tensor:
-        return positions % self.slots if self.ring else positions
+        """Physical slot of each position; padding (-1) goes to the trash slot."""
+        slot = positions.clamp(min=0) % self.slots if self.ring else positions.clamp(min=0)
+        return torch.where(positions >= 0, slot, torch.full_like(slot, self.trash))
 
     def write(self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """rows [B'], positions [B', T] (all >= 0), k/v [B', T, Hkv, D] -> scatter into the slots."""

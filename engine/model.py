@@ -199,10 +199,9 @@ class GemmaDecoder(nn.Module):
         h, per_layer = self._embed(tokens)
         B, T = tokens.shape
         rows = torch.arange(B, device=tokens.device)[:, None].expand(B, T)
-        write_pos = positions.clamp(min=0)
         pos32 = positions.to(torch.int32)  # once per step, shared by every layer's write and attention
-        write_pos32 = write_pos.to(torch.int32)
-        slots = {n: (write_pos % n) for n in {lc.slots for lc in cache.layers.values() if lc.ring}}
+        # physical slots per cache geometry, computed once per step (padding -> the trash slot)
+        slots = {(lc.ring, lc.slots): lc.slot_of(positions) for lc in cache.layers.values()}
         eps, plus_one = self._eps()
         x = ops.norm(h, self.layers[0].norms["input_layernorm"], eps, plus_one)
         for layer in self.layers:
@@ -215,8 +214,7 @@ class GemmaDecoder(nn.Module):
                 k_raw = parts[1].view(B, T, layer.kv_heads, layer.head_dim)
                 v_raw = k_raw if layer.k_eq_v else parts[2].view(B, T, layer.kv_heads, layer.head_dim)
                 ops.write_kv(k_raw, v_raw, layer.k_norm, cos, sin, lc.k, lc.v, lc.slot_pos, rows,
-                             slots[lc.slots] if lc.ring else write_pos, write_pos32, eps, plus_one,
-                             self.arch.has_v_norm)
+                             slots[(lc.ring, lc.slots)], pos32, eps, plus_one, self.arch.has_v_norm)
             o = attend_cache(q, lc, pos32, self._window(layer, window), self.arch.attn_scale,
                              self.arch.attn_softcap)
             h, x = self._layer_tail(layer, h, o.reshape(B, T, -1), per_layer, self._next_norm(layer.index))

@@ -139,3 +139,25 @@ def test_assistant_loads_from_a_saved_folder(tmp_path) -> None:
     spec = Generator(target, Knobs(batch_size=2, drafter="mtp", draft_tokens=3, centroid_top_k=2), max_context=256,
                      use_cuda_graphs=False, assistant=asst).generate(prompts, 24)
     assert spec.tokens == plain.tokens
+
+
+def test_padding_queries_never_overwrite_keys() -> None:
+    """A step in which some entries are padding (position -1) writes only the real positions."""
+    lm = load_model("tiny-gemma4", random_weights=True, seed=6)
+    gen = Generator(lm, Knobs(batch_size=2, sliding_window=6), max_context=64, use_cuda_graphs=False)
+    prompts = [list(range(3, 23)), list(range(40, 52))]
+    for row, p in enumerate(prompts):
+        gen.prefill(p, row)
+    before = {i: (lc.k.clone(), lc.slot_pos.clone()) for i, lc in gen.cache.layers.items()}
+    tokens = torch.tensor([[7, 8, 9], [5, 5, 5]])
+    positions = torch.tensor([[20, -1, -1], [-1, -1, -1]])  # row 0: one real position; row 1: idle
+    with torch.inference_mode():
+        gen.step(tokens, positions)
+    for i, lc in gen.cache.layers.items():
+        k0, pos0 = before[i]
+        changed = (lc.slot_pos != pos0).nonzero().tolist()
+        assert changed == [[0, lc.slot_of(torch.tensor(20)).item()]], (i, changed)
+        logical = torch.ones(lc.slots, dtype=torch.bool)
+        logical[lc.slot_of(torch.tensor(20)).item()] = False
+        assert torch.equal(lc.k[:, :, :lc.slots][:, :, logical][1], k0[:, :, :lc.slots][:, :, logical][1])
+        assert torch.equal(lc.k[0, :, :lc.slots][:, logical], k0[0, :, :lc.slots][:, logical])
