@@ -133,69 +133,108 @@ def _accept(gen: "Generator", hidden: torch.Tensor, greedy: torch.Tensor, drafts
     return n, sample(resid / resid.sum(-1, keepdim=True), rng)
 
 
+class SpeculativeRows:
+    """Row-level speculative decoding over a Generator's cache: `admit` a stream into a free row (prefill,
+    first token), then every `step` advances all active rows by one verify and returns each row's newly
+    committed tokens. `speculative_wave` and the server's continuous batching both run on this."""
+
+    def __init__(self, gen: "Generator", params: SamplingParams, rng: torch.Generator | None) -> None:
+        self.gen, self.params, self.rng = gen, params, rng
+        self.k = gen.knobs.draft_tokens
+        self.drafter = make_drafter(gen)
+        self.state = WaveState(gen, params, rng)
+        self.offsets = torch.arange(self.k + 1, device=gen.device)
+        self.accepted_by_position = [0] * self.k
+        self.verify_steps = self.drafted_steps = 0
+        self.draft_seconds = 0.0
+
+    def admit(self, row: int, prompt: Sequence[int]) -> int:
+        gen, st = self.gen, self.state
+        h = gen.prefill(prompt, row)
+        tok = int(gen._pick(h[None, None], gen.model.greedy(h[None, None]), self.params, self.rng)[0, 0])
+        st.last[row], st.pos[row], st.hidden[row] = tok, len(prompt), h
+        st.outputs[row] = [tok]
+        st.active[row] = True
+        self.drafter.begin(row, list(prompt) + [tok])
+        return tok
+
+    def release(self, row: int) -> None:
+        self.state.active[row] = False
+
+    def step(self) -> dict[int, list[int]]:
+        gen, st, dev = self.gen, self.state, self.gen.device
+        td = time.perf_counter()
+        drafts, q, worth_it = self.drafter.propose(gen, st)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        self.draft_seconds += time.perf_counter() - td
+        active_t = torch.tensor(st.active, device=dev)
+        if worth_it:
+            tokens = torch.cat([st.last[:, None], drafts], dim=1)
+            positions = torch.where(active_t[:, None], st.pos[:, None] + self.offsets,
+                                    torch.full_like(self.offsets, -1))
+            hidden, greedy = gen.step(tokens, positions)
+            n, nxt = _accept(gen, hidden, greedy, drafts, q, self.params, self.rng)
+        else:  # no stream has a proposal: a plain width-1 step costs less than a wasted verify
+            positions = torch.where(active_t, st.pos, torch.full_like(st.pos, -1))[:, None]
+            hidden, greedy = gen.step(st.last[:, None], positions)
+            n = torch.zeros(gen.cache.batch, dtype=torch.long, device=dev)
+            nxt = gen._pick(hidden, greedy, self.params, self.rng)[:, 0]
+        st.hidden = hidden.gather(1, n[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
+        st.last = torch.where(active_t, nxt, st.last)
+        st.pos = torch.where(active_t, st.pos + n + 1, st.pos)
+        n_host, nxt_host, drafts_host = n.tolist(), nxt.tolist(), drafts.tolist()  # one host read per step
+        committed: dict[int, list[int]] = {}
+        for row, active in enumerate(st.active):
+            if not active:
+                continue
+            self.verify_steps += 1
+            if worth_it:
+                self.drafted_steps += 1
+                for d in range(n_host[row]):
+                    self.accepted_by_position[d] += 1
+            new = drafts_host[row][:n_host[row]] + [nxt_host[row]]
+            st.outputs[row] += new
+            self.drafter.commit(row, new)
+            committed[row] = new
+        return committed
+
+
 def speculative_wave(gen: "Generator", prompts: list[Sequence[int]], idx: list[int], max_new: int,
                      params: SamplingParams, rng: torch.Generator | None, stop_at_eos: bool,
                      out: "GenerationOutput") -> None:
-    K, B, dev = gen.knobs.draft_tokens, gen.cache.batch, gen.device
-    drafter = make_drafter(gen)
-    state = WaveState(gen, params, rng)
+    rows = SpeculativeRows(gen, params, rng)
     eos = set(gen.arch.eos_token_ids)
-    if len(out.accepted_by_position) < K:
-        out.accepted_by_position += [0] * (K - len(out.accepted_by_position))
+    outputs: list[list[int]] = [[] for _ in prompts]
     t0 = time.perf_counter()
     for row, prompt in enumerate(prompts):
-        h = gen.prefill(prompt, row)
-        tok = gen._pick(h[None, None], gen.model.greedy(h[None, None]), params, rng)[0, 0]
-        state.last[row], state.pos[row], state.hidden[row] = tok, len(prompt), h
-        state.outputs[row] = [int(tok)]
-        state.active[row] = not (stop_at_eos and int(tok) in eos) and max_new > 1
-        drafter.begin(row, list(prompt) + state.outputs[row])
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+        tok = rows.admit(row, prompt)
+        outputs[row] = [tok]
+        if (stop_at_eos and tok in eos) or max_new <= 1:
+            rows.release(row)
+    if gen.device.type == "cuda":
+        torch.cuda.synchronize(gen.device)
     t1 = time.perf_counter()
     out.prefill_seconds += t1 - t0
-    offsets = torch.arange(K + 1, device=dev)
-    while any(state.active):
-        td = time.perf_counter()
-        drafts, q, worth_it = drafter.propose(gen, state)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        out.draft_seconds += time.perf_counter() - td
-        active_t = torch.tensor(state.active, device=dev)
-        if worth_it:
-            tokens = torch.cat([state.last[:, None], drafts], dim=1)
-            positions = torch.where(active_t[:, None], state.pos[:, None] + offsets, torch.full_like(offsets, -1))
-            hidden, greedy = gen.step(tokens, positions)
-            n, nxt = _accept(gen, hidden, greedy, drafts, q, params, rng)
-        else:  # no stream has a proposal: a plain width-1 step costs less than a wasted verify
-            positions = torch.where(active_t, state.pos, torch.full_like(state.pos, -1))[:, None]
-            hidden, greedy = gen.step(state.last[:, None], positions)
-            n = torch.zeros(B, dtype=torch.long, device=dev)
-            nxt = gen._pick(hidden, greedy, params, rng)[:, 0]
-        state.hidden = hidden.gather(1, n[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
-        state.last = torch.where(active_t, nxt, state.last)
-        state.pos = torch.where(active_t, state.pos + n + 1, state.pos)
-        n_host, nxt_host, drafts_host = n.tolist(), nxt.tolist(), drafts.tolist()  # one host read per step
-        for row in range(B):
-            if not state.active[row]:
-                continue
-            out.verify_steps += 1
-            if worth_it:
-                out.drafted_steps += 1
-                for d in range(n_host[row]):
-                    out.accepted_by_position[d] += 1
-            new = drafts_host[row][:n_host[row]] + [nxt_host[row]]
+    while any(rows.state.active):
+        for row, new in rows.step().items():
             if stop_at_eos:
                 cut = next((j for j, t in enumerate(new) if t in eos), None)
                 if cut is not None:
-                    new, state.active[row] = new[:cut + 1], False
-            room = max_new - len(state.outputs[row])
-            new = new[:room]
-            state.outputs[row] += new
+                    new = new[:cut + 1]
+                    rows.release(row)
+            new = new[:max_new - len(outputs[row])]
+            outputs[row] += new
             out.decode_tokens += len(new)
-            drafter.commit(row, new)
-            if len(state.outputs[row]) >= max_new:
-                state.active[row] = False
-    out.decode_seconds += time.perf_counter() - t1 - 0.0
+            if len(outputs[row]) >= max_new:
+                rows.release(row)
+    out.decode_seconds += time.perf_counter() - t1
+    out.verify_steps += rows.verify_steps
+    out.drafted_steps += rows.drafted_steps
+    out.draft_seconds += rows.draft_seconds
+    if len(out.accepted_by_position) < rows.k:
+        out.accepted_by_position += [0] * (rows.k - len(out.accepted_by_position))
+    for d, count in enumerate(rows.accepted_by_position):
+        out.accepted_by_position[d] += count
     for row, i in enumerate(idx):
-        out.tokens[i] = state.outputs[row]
+        out.tokens[i] = outputs[row]

@@ -11,9 +11,11 @@ server equals `worker.generate` / `vkae-tune generate` for the same prompt. Samp
 `filtered_probs` with a per-request torch.Generator, so a seeded request is reproducible whatever else
 shares the batch.
 
-Speculative recipes (draft_tokens > 0): per-stream speculative decoding is not available as a row-level step
-yet, so those requests run through `Generator.generate` one wave (up to batch_size requests of the same
-sampling settings) at a time; their tokens arrive together at the end of the wave.
+Speculative recipes (draft_tokens > 0): greedy requests without per-token logprobs get per-stream
+speculative decoding inside the same continuous batching (`engine.speculative.SpeculativeRows`: each row
+accepts its own number of drafted tokens per verify step; tokens stream as they are committed). Sampled
+requests and requests for logprobs run, once the speculative rows have drained, through
+`Generator.generate` one wave (up to batch_size requests of the same sampling settings) at a time.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 from engine.errors import UserError
 from engine.generate import Generator
 from engine.sampling import SamplingParams, filtered_probs, sample
+from engine.speculative import SpeculativeRows
 
 from .logprobs import prompt_logprobs, token_logprobs
 from .metrics import Metrics
@@ -89,6 +92,7 @@ class Scheduler:
         self.batch = self.g.cache.batch
         self.eos = set(worker.loaded.arch.eos_token_ids)
         self.speculative = worker.knobs.draft_tokens > 0
+        self.spec = SpeculativeRows(self.g, SamplingParams(), None) if self.speculative else None
         self._pending: collections.deque[GenRequest] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -131,7 +135,9 @@ class Scheduler:
                         if self._stopping:
                             break
                     if self.speculative:
-                        self._wave()
+                        self._spec_admit()
+                        if self._rows:
+                            self._spec_step()
                     else:
                         self._admit()
                         if self._rows:
@@ -213,6 +219,8 @@ class Scheduler:
     def _finish(self, row: int, reason: str) -> None:
         state = self._rows.pop(row)
         self._positions[row, 0] = -1  # an idle row: the step skips it; the next prefill resets its cache
+        if self.spec is not None:
+            self.spec.release(row)
         state.req.sink(DoneEvent(reason))
         self.metrics.add_finished(reason)
 
@@ -229,7 +237,57 @@ class Scheduler:
             state = self._rows[row]
             self._emit(row, self._choose(state, hidden[row], greedy_ids[row]))
 
-    # ---- speculative recipes: whole waves through Generator.generate ---------------------
+    # ---- speculative recipes: per-stream speculation for greedy rows --------------------
+    @staticmethod
+    def _spec_eligible(req: GenRequest) -> bool:
+        return req.sampling.greedy and req.logprobs is None
+
+    def _spec_admit(self) -> None:
+        for row in [r for r in range(self.batch) if r not in self._rows]:
+            with self._cv:
+                while self._pending and self._pending[0].cancelled.is_set():
+                    self._pending.popleft()
+                head = self._pending[0] if self._pending else None
+            if head is None:
+                return
+            if not self._spec_eligible(head):
+                if not self._rows:  # drained: the sampled / logprobs request runs as a wave of its own kind
+                    self._wave()
+                return  # otherwise wait for the speculative rows to finish, keeping the queue's order
+            req = self._next_pending()
+            if req is None:
+                return
+            try:
+                if req.prompt_logprobs is not None:
+                    req.sink(PromptLogprobsEvent(prompt_logprobs(self.g.model, req.prompt, self.g.window,
+                                                                 req.prompt_logprobs)))
+                token = self.spec.admit(row, req.prompt)
+            except UserError as exc:
+                req.sink(ErrorEvent(str(exc)))
+                continue
+            self._rows[row] = _Row(req)
+            self.metrics.add_prompt(len(req.prompt), time.perf_counter() - req.submitted)
+            self._emit_many(row, [token])
+
+    def _emit_many(self, row: int, tokens: list[int]) -> None:
+        """Emit a row's newly committed tokens in order, stopping at EOS, max_tokens or a cancel."""
+        for token in tokens:
+            if row not in self._rows:
+                return
+            self._rows[row].pending_logprobs = None
+            self._emit(row, token)
+
+    def _spec_step(self) -> None:
+        for row in [r for r, s in self._rows.items() if s.req.cancelled.is_set()]:
+            self._finish(row, "cancelled")
+        if not self._rows:
+            return
+        committed = self.spec.step()  # one verify forward: each row committed 1 + its accepted drafts
+        self.metrics.add_accepted(sum(len(t) for t in committed.values()), len(committed))
+        for row in sorted(committed):
+            self._emit_many(row, committed[row])
+
+    # ---- sampled / logprobs requests of speculative recipes: waves through Generator.generate ----
     def _wave(self) -> None:
         first = self._next_pending()
         if first is None:
