@@ -166,19 +166,26 @@ class Scheduler:
                     return req
             return None
 
+    def _start(self, req: GenRequest, prefill: Callable[[], Any]) -> Any:
+        """Prompt logprobs (when asked) and the prefill of one request. A request the HTTP checks let
+        through but the engine rejects fails alone (returns None), not the engine."""
+        try:
+            if req.prompt_logprobs is not None:
+                req.sink(PromptLogprobsEvent(prompt_logprobs(self.g.model, req.prompt, self.g.window,
+                                                             req.prompt_logprobs)))
+            return prefill()
+        except UserError as exc:
+            req.sink(ErrorEvent(str(exc)))
+            return None
+
     def _admit(self) -> None:
         free = [r for r in range(self.batch) if r not in self._rows]
         for row in free:
             req = self._next_pending()
             if req is None:
                 return
-            try:
-                if req.prompt_logprobs is not None:
-                    req.sink(PromptLogprobsEvent(prompt_logprobs(self.g.model, req.prompt, self.g.window,
-                                                                 req.prompt_logprobs)))
-                last = self.g.prefill(req.prompt, row)[None, None]  # [1, 1, H]
-            except UserError as exc:  # a request the HTTP checks let through fails alone, not the engine
-                req.sink(ErrorEvent(str(exc)))
+            last = self._start(req, lambda: self.g.prefill(req.prompt, row)[None, None])  # [1, 1, H]
+            if last is None:
                 continue
             state = _Row(req)
             if not req.sampling.greedy:
@@ -257,13 +264,8 @@ class Scheduler:
             req = self._next_pending()
             if req is None:
                 return
-            try:
-                if req.prompt_logprobs is not None:
-                    req.sink(PromptLogprobsEvent(prompt_logprobs(self.g.model, req.prompt, self.g.window,
-                                                                 req.prompt_logprobs)))
-                token = self.spec.admit(row, req.prompt)
-            except UserError as exc:
-                req.sink(ErrorEvent(str(exc)))
+            token = self._start(req, lambda: self.spec.admit(row, req.prompt))
+            if token is None:
                 continue
             self._rows[row] = _Row(req)
             self.metrics.add_prompt(len(req.prompt), time.perf_counter() - req.submitted)
