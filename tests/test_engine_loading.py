@@ -122,3 +122,15 @@ def test_cli_user_errors_have_no_traceback(argv, message) -> None:
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_geometry_only_models_have_an_ids_only_tokenizer() -> None:
+    """Random weights at a real model's geometry have no tokenizer: token-id workloads work, text fails clearly."""
+    from engine.byte_tokenizer import IdsOnlyTokenizer
+    from engine.errors import UserError
+
+    tok = IdsOnlyTokenizer(262144, 2, (1, 106), "gemma-4-e4b")
+    assert (tok.vocab_size, tok.bos_id, tok.eos_ids) == (262144, 2, (1, 106))
+    for call in (lambda: tok.encode("hi"), lambda: tok.decode([5]), lambda: tok.apply_chat_template([])):
+        with pytest.raises(UserError, match="without a tokenizer"):
+            call()
