@@ -60,8 +60,7 @@ class Gemma4Assistant(GemmaDecoder):
         B = x.shape[0]
         for layer in self.layers:
             cos, sin = rope[layer.layer_type]
-            q = ops.norm_rope(layer.qkv(xn).view(B, 1, layer.num_heads, layer.head_dim), layer.q_norm, cos, sin,
-                              eps, plus_one)
+            q, _, _ = self._project(layer, xn, cos, sin)
             lc = cache.layers[sources[layer.layer_type]]
             o = attend_cache(q, lc, see_upto, window if layer.layer_type == SLIDING else None,
                              self.arch.attn_scale, None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -294,7 +293,6 @@ def load_model(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32
         arch = arch_from_dict(resolved.raw_config, f"{resolved.name} geometry")
     else:
         arch = load_arch(resolved.folder)
-    t0 = time.perf_counter()
     files: list[Path] = []
     if random_weights:
         weights = make_random_weights(arch, device, dtype, seed)
@@ -309,7 +307,6 @@ def load_model(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32
     model.eval()
     loaded = LoadedModel(name=resolved.name, arch=arch, model=model, tokenizer=_load_tokenizer(resolved, arch),
                          folder=resolved.folder, random_weights=random_weights, label=label, weight_files=files)
-    loaded.load_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
     return loaded
 
 

@@ -109,7 +109,10 @@ class GemmaDecoder(nn.Module):
         return h, ops.ple_combine(ctx, tok, self.ple_proj_norm, a.hidden_size ** -0.5, self.ple_embed_scale,
                                   a.rms_norm_eps)
 
-    def _qkv(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _project(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The fused QKV projection -> (q after q-norm and RoPE, raw k, raw v); k/v are None in layers
+        that read another layer's cache. K/V norms and RoPE are applied by the caller: the decode step
+        fuses them with the cache write."""
         B, T, _ = x.shape
         eps, plus_one = self._eps()
         parts = layer.qkv(x).split(layer.split, dim=-1)
@@ -117,11 +120,8 @@ class GemmaDecoder(nn.Module):
         if not layer.owns_kv:
             return q, None, None
         k_raw = parts[1].view(B, T, layer.kv_heads, layer.head_dim)
-        v = k_raw if layer.k_eq_v else parts[2].view(B, T, layer.kv_heads, layer.head_dim)
-        k = ops.norm_rope(k_raw, layer.k_norm, cos, sin, eps, plus_one)
-        if self.arch.has_v_norm:
-            v = ops.scale_free_norm(v, eps)
-        return q, k, v
+        v_raw = k_raw if layer.k_eq_v else parts[2].view(B, T, layer.kv_heads, layer.head_dim)
+        return q, k_raw, v_raw
 
     def _layer_tail(self, layer: DecoderLayer, h: torch.Tensor, attn: torch.Tensor,
                     per_layer: torch.Tensor | None, w_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,8 +159,11 @@ class GemmaDecoder(nn.Module):
         x = ops.norm(h, self.layers[0].norms["input_layernorm"], eps, plus_one)
         for layer in self.layers:
             cos, sin = rope[layer.layer_type]
-            q, k, v = self._qkv(layer, x, cos, sin)
+            q, k, v = self._project(layer, x, cos, sin)
             if layer.owns_kv:
+                k = ops.norm_rope(k, layer.k_norm, cos, sin, eps, plus_one)
+                if self.arch.has_v_norm:
+                    v = ops.scale_free_norm(v, eps)
                 fresh_kv[layer.index] = (k, v)
                 if cache is not None:
                     self._write_prefill(cache, layer.index, rows, positions, k, v)
@@ -207,12 +210,8 @@ class GemmaDecoder(nn.Module):
         for layer in self.layers:
             cos, sin = rope[layer.layer_type]
             lc = cache.layers[layer.source]
-            parts = layer.qkv(x).split(layer.split, dim=-1)
-            q = ops.norm_rope(parts[0].view(B, T, layer.num_heads, layer.head_dim), layer.q_norm, cos, sin, eps,
-                              plus_one)
+            q, k_raw, v_raw = self._project(layer, x, cos, sin)
             if layer.owns_kv:
-                k_raw = parts[1].view(B, T, layer.kv_heads, layer.head_dim)
-                v_raw = k_raw if layer.k_eq_v else parts[2].view(B, T, layer.kv_heads, layer.head_dim)
                 ops.write_kv(k_raw, v_raw, layer.k_norm, cos, sin, lc.k, lc.v, lc.slot_pos, rows,
                              slots[(lc.ring, lc.slots)], pos32, eps, plus_one, self.arch.has_v_norm)
             o = attend_cache(q, lc, pos32, self._window(layer, window), self.arch.attn_scale,
