@@ -117,11 +117,14 @@ def heldout_nll(target, tokens: np.ndarray, seq: int, device: str, max_windows: 
 
 
 def fit_steps(step: int, steps: int, started: float, deadline: float, what: str, log: list) -> int:
-    """After 20 steps, shrink the step count (and so the LR schedule) to what fits before the deadline."""
-    if step != 20:
+    """Time steps 20..60 (after warm-up), then shrink the step count (and so the LR schedule) to what
+    fits before the deadline."""
+    if step == 20:
+        fit_steps.mark = time.time()  # type: ignore[attr-defined]
+    if step != 60:
         return steps
-    per_step = (time.time() - started) / 20
-    fits = int((deadline - started) / per_step * 0.95)
+    per_step = (time.time() - fit_steps.mark) / 40  # type: ignore[attr-defined]
+    fits = 60 + int((deadline - time.time()) / per_step * 0.97)
     if fits < steps:
         log.append({"phase": what, "note": f"{per_step * 1e3:.1f} ms/step: steps {steps} -> {fits}"})
         print(json.dumps(log[-1]), flush=True)
