@@ -51,5 +51,11 @@ def attend_cache(q: torch.Tensor, cache, positions: torch.Tensor, window: int | 
         from kernels.decode_attention import decode_attention
 
         return decode_attention(q, cache.k, cache.v, cache.slot_pos, positions, window or 0, scale, softcap)
-    mask = visibility(positions, cache.slot_pos, window)
-    return attend(q.transpose(1, 2), cache.k, cache.v, mask, scale, softcap).transpose(1, 2)
+    k, v, slot_pos = cache.k, cache.v, cache.slot_pos
+    if not cache.ring:
+        # A linear cache holds position p in slot p, so slots past the newest query are never visible:
+        # attend over the live prefix only (no CUDA graph here, so a data-dependent length is fine).
+        live = min(k.shape[2], int(positions.max()) + 1)
+        k, v, slot_pos = k[:, :, :live].contiguous(), v[:, :, :live].contiguous(), slot_pos[:, :live]
+    mask = visibility(positions, slot_pos, window)
+    return attend(q.transpose(1, 2), k, v, mask, scale, softcap).transpose(1, 2)

@@ -44,6 +44,13 @@ class LayerCache:
     def reset_rows(self, rows: torch.Tensor) -> None:
         self.slot_pos[rows.long()] = -1
 
+    def prefix(self, rows: int) -> "LayerCache":
+        """The first `rows` streams as views (batch is the outermost dim, so views stay contiguous)."""
+        view = LayerCache.__new__(LayerCache)
+        view.ring, view.slots, view.trash = self.ring, self.slots, self.trash
+        view.k, view.v, view.slot_pos = self.k[:rows], self.v[:rows], self.slot_pos[:rows]
+        return view
+
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2 + self.slot_pos.numel() * 4
 
@@ -65,6 +72,18 @@ class KVCache:
     def reset_rows(self, rows: torch.Tensor) -> None:
         for layer in self.layers.values():
             layer.reset_rows(rows)
+
+    def prefix(self, rows: int) -> "KVCache":
+        """A view of the first `rows` cache rows: a step over them costs what `rows` streams cost, so a
+        server with one client in a batch-4 recipe does not pay for three idle rows."""
+        if rows == self.batch:
+            return self
+        if not 1 <= rows < self.batch:
+            raise ValueError(f"prefix of {rows} rows from a cache of {self.batch}")
+        view = KVCache.__new__(KVCache)
+        view.batch, view.max_context, view.window = rows, self.max_context, self.window
+        view.layers = {i: layer.prefix(rows) for i, layer in self.layers.items()}
+        return view
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers.values())

@@ -88,22 +88,26 @@ class Generator:
             table.ensure(max_context + MAX_DRAFT_TOKENS + 1)
         self.cache = KVCache(self.arch, knobs.batch_size, max_context, self.window, self.device, self.model.dtype)
         self.use_graphs = use_cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict[int, StepGraph] = {}
+        self._graphs: dict[tuple[int, int], StepGraph] = {}  # (rows, width) -> captured step
 
     # ---- steps -------------------------------------------------------------------------
-    def _step_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.forward_step(tokens, positions, self.cache, self.window)
+    def _step_eager(self, tokens: torch.Tensor, positions: torch.Tensor,
+                    cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.forward_step(tokens, positions, cache or self.cache, self.window)
         return hidden, self.model.greedy(hidden)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One target forward of width T for every cache row -> (hidden [B, T, H], greedy ids [B, T])."""
+        """One target forward of width T over the first B' cache rows (B' = tokens.shape[0] <= batch)
+        -> (hidden [B', T, H], greedy ids [B', T]). Callers pass only the rows up to the last busy one."""
+        rows, width = tokens.shape
+        cache = self.cache.prefix(rows)
         if not self.use_graphs:
-            return self._step_eager(tokens, positions)
-        width = tokens.shape[1]
-        if width not in self._graphs:
-            self._graphs[width] = StepGraph(self._step_eager, self.cache.batch, width, self.device)
-        return self._graphs[width](tokens, positions)
+            return self._step_eager(tokens, positions, cache)
+        if (rows, width) not in self._graphs:
+            self._graphs[(rows, width)] = StepGraph(lambda t, p: self._step_eager(t, p, cache), rows, width,
+                                                    self.device)
+        return self._graphs[(rows, width)](tokens, positions)
 
     @torch.inference_mode()
     def prefill(self, prompt: Sequence[int], row: int) -> torch.Tensor:
@@ -156,7 +160,7 @@ class Generator:
 
     def _plain_wave(self, prompts: list[Sequence[int]], idx: list[int], max_new: int, params: SamplingParams,
                     gen: torch.Generator | None, stop_at_eos: bool, out: GenerationOutput) -> None:
-        B, dev = self.cache.batch, self.device
+        B, dev = len(prompts), self.device  # a short last wave steps only its own rows
         t0 = time.perf_counter()
         tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
         positions = torch.full((B, 1), -1, dtype=torch.long, device=dev)
@@ -171,7 +175,7 @@ class Generator:
         produced[:, 0] = tokens[:, 0]
         eos = set(self.arch.eos_token_ids)
         lengths = [max_new] * B
-        done = [row >= len(prompts) for row in range(B)]
+        done = [False] * B
         steps = 0
         for t in range(1, max_new):
             if stop_at_eos:  # one host read per step, only when the caller wants early stops

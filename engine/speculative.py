@@ -168,21 +168,30 @@ class SpeculativeRows:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         self.draft_seconds += time.perf_counter() - td
-        active_t = torch.tensor(st.active, device=dev)
+        B = gen.cache.batch
+        live = 1 + max(r for r, a in enumerate(st.active) if a)  # rows past the last busy one are not stepped
+        active_t = torch.tensor(st.active[:live], device=dev)
+        last, pos = st.last[:live], st.pos[:live]
         if worth_it:
-            tokens = torch.cat([st.last[:, None], drafts], dim=1)
-            positions = torch.where(active_t[:, None], st.pos[:, None] + self.offsets,
-                                    torch.full_like(self.offsets, -1))
+            tokens = torch.cat([last[:, None], drafts[:live]], dim=1)
+            positions = torch.where(active_t[:, None], pos[:, None] + self.offsets, torch.full_like(self.offsets, -1))
             hidden, greedy = gen.step(tokens, positions)
-            n, nxt = _accept(gen, hidden, greedy, drafts, q, self.params, self.rng)
+            n, nxt = _accept(gen, hidden, greedy, drafts[:live], None if q is None else q[:live], self.params,
+                             self.rng)
         else:  # no stream has a proposal: a plain width-1 step costs less than a wasted verify
-            positions = torch.where(active_t, st.pos, torch.full_like(st.pos, -1))[:, None]
-            hidden, greedy = gen.step(st.last[:, None], positions)
-            n = torch.zeros(gen.cache.batch, dtype=torch.long, device=dev)
+            positions = torch.where(active_t, pos, torch.full_like(pos, -1))[:, None]
+            hidden, greedy = gen.step(last[:, None], positions)
+            n = torch.zeros(live, dtype=torch.long, device=dev)
             nxt = gen._pick(hidden, greedy, self.params, self.rng)[:, 0]
-        st.hidden = hidden.gather(1, n[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
-        st.last = torch.where(active_t, nxt, st.last)
-        st.pos = torch.where(active_t, st.pos + n + 1, st.pos)
+        h_new = hidden.gather(1, n[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
+        last_new = torch.where(active_t, nxt, last)
+        pos_new = torch.where(active_t, pos + n + 1, pos)
+        if live < B:
+            h_new = torch.cat([h_new, st.hidden[live:]])
+            last_new, pos_new = torch.cat([last_new, st.last[live:]]), torch.cat([pos_new, st.pos[live:]])
+            n = torch.cat([n, n.new_zeros(B - live)])
+            nxt = torch.cat([nxt, st.last[live:]])
+        st.hidden, st.last, st.pos = h_new, last_new, pos_new
         n_host, nxt_host, drafts_host = n.tolist(), nxt.tolist(), drafts.tolist()  # one host read per step
         committed: dict[int, list[int]] = {}
         for row, active in enumerate(st.active):

@@ -236,7 +236,8 @@ class Scheduler:
             self._finish(row, "cancelled")
         if not self._rows:
             return
-        hidden, greedy = self.g.step(self._tokens, self._positions)
+        live = max(self._rows) + 1  # rows fill from 0 up: idle rows past the last busy one are not stepped
+        hidden, greedy = self.g.step(self._tokens[:live], self._positions[:live])
         self._positions.add_(torch.where(self._positions >= 0, 1, 0))
         greedy_ids = greedy[:, 0].tolist()
         self.metrics.add_step(len(self._rows))
