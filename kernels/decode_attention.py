@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import torch
 
+from . import invariance
 from ._common import HAS_TRITON, cdiv, dot_fp32_operands, next_pow2, num_sms, tl, triton, use_triton
 
 LOG2E = 1.4426950408889634
 MIN_SPLIT_SLOTS = 128  # below this a split's fixed cost (stage-2 traffic, launch) outweighs the gain
+# Row block of the row-invariant mode: the block a 1-token decode step picks anyway when G <= 16
+# (Gemma: G = 2..8), so decode keeps its config and a verify step just runs more row blocks.
+INVARIANT_BLOCK_M = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +184,23 @@ def _blocks(D: int, rows: int) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
+def launch_config(D: int, rows: int, B: int, Hkv: int, S: int, sms: int, block_m: int | None = None,
+                  block_n: int | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_splits) for `rows` = T x G query rows per (stream, kv head);
+    `block_m` / `block_n` override the tile (tests).
+
+    Row-invariant mode (`kernels.invariance`): tile, warps and KV split points (hence the
+    log-sum-exp merge order) depend on D, S, B x Hkv and the SM count only, so a query row gets the
+    same arithmetic in a T = 1 decode step as in the first rows of a T = K+1 verify step; a verify
+    step just runs more row blocks. Otherwise BLOCK_M grows with the rows (one row block: K/V read
+    once per kv head) and the split count counts the row blocks."""
+    invariant = invariance.ROW_INVARIANT
+    bm, bn, num_warps = _blocks(D, INVARIANT_BLOCK_M if invariant else rows)
+    block_m, block_n = block_m or bm, block_n or bn
+    programs = B * Hkv if invariant else B * Hkv * cdiv(rows, block_m)
+    return block_m, block_n, num_warps, _num_splits(S, programs, block_n, sms)
+
+
 def _num_splits(S: int, programs: int, block_n: int, sms: int) -> int:
     """Split the sequence only as far as needed to give ~2 programs per SM, and never into
     pieces shorter than MIN_SPLIT_SLOTS (rounded to whole tiles)."""
@@ -206,11 +227,10 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if tuple(slot_pos.shape) != (B, S) or tuple(q_pos.shape) != (B, T):
         raise ValueError(f"slot_pos {tuple(slot_pos.shape)} / q_pos {tuple(q_pos.shape)} do not match B={B}, S={S}, T={T}")
     G = Hq // Hkv
-    bm, bn, num_warps = _blocks(D, T * G)
-    block_m, block_n = block_m or bm, block_n or bn
+    block_m, block_n, num_warps, splits = launch_config(D, T * G, B, Hkv, S, num_sms(q.device), block_m, block_n)
     m_blocks = cdiv(T * G, block_m)
     if num_splits is None:
-        num_splits = _num_splits(S, B * Hkv * m_blocks, block_n, num_sms(q.device))
+        num_splits = splits
     split_len = cdiv(cdiv(S, num_splits), block_n) * block_n
     num_splits = cdiv(S, split_len)  # drop splits that would start past the end
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import invariance
 from ._common import HAS_TRITON, INTERPRET, cdiv, next_pow2, num_sms, tl, triton, use_triton
 
 MAX_M = 16
@@ -25,7 +26,14 @@ SPLIT_BELOW_WAVES = 2.0
 # Batch invariance: every M <= 16 runs the same tensor-core tile (rows padded to 16) with the same split,
 # so a row's result does not depend on how many rows share the call. A speculative verify of K+1
 # positions then computes each position bit-for-bit like a 1-token decode step (lossless greedy on GPU).
-BATCH_INVARIANT = False  # measured on an H100: not enough alone (attention and norms differ too)
+# None follows the row-invariance switch (`kernels.invariance.ROW_INVARIANT`, on by default: the
+# attention and norm kernels must be invariant too for that to hold); True / False force it (A/B runs).
+BATCH_INVARIANT: bool | None = None
+
+
+def batch_invariant() -> bool:
+    """Whether gemv_config pads every M to the same 16-row tile (see BATCH_INVARIANT)."""
+    return invariance.ROW_INVARIANT if BATCH_INVARIANT is None else bool(BATCH_INVARIANT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,10 +118,11 @@ def gemv_config(M: int, N: int, K: int, elem_bytes: int, sms: int) -> dict[str, 
     Narrow BLOCK_N (many programs, long contiguous K runs per row) won an H100 sweep
     (`scripts/bench_kernels.py --sweep`, bf16, CUDA-graphed, cold L2): within ~3% of the best
     config at every E4B shape, e.g. gate_up M=1 43 us (2.4 TB/s), lm_head 447 us (3.0 TB/s)."""
-    if M == 1 and not BATCH_INVARIANT:
+    invariant = batch_invariant()
+    if M == 1 and not invariant:
         block_m, block_n, block_k = 1, 16, 256 if elem_bytes <= 2 else 128
     else:
-        block_m, block_n, block_k = (16 if BATCH_INVARIANT else max(16, next_pow2(M))), 32, \
+        block_m, block_n, block_k = (16 if invariant else max(16, next_pow2(M))), 32, \
             128 if elem_bytes <= 2 else 64
     n_progs = cdiv(N, block_n)
     split_k = 1

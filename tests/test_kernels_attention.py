@@ -15,12 +15,20 @@ import torch  # noqa: E402
 
 import kernels._common as common  # noqa: E402
 import kernels.decode_attention as da  # noqa: E402
+import kernels.invariance as invariance  # noqa: E402
 
 
 _needs_interpreter, test_interpreter_in_fresh_process = _testutil.interpreter_guards(RUN_HERE, __file__)
 
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3}  # max |triton - ref|, outputs are O(1)
+
+
+@pytest.fixture(params=[True, False], ids=["row-invariant", "row-heuristic"])
+def row_mode(request, monkeypatch):
+    """Both launch heuristics: fixed row block and T-free split count (default), or T-dependent."""
+    monkeypatch.setattr(invariance, "ROW_INVARIANT", request.param)
+    return request.param
 
 
 def make(B, T, Hq, Hkv, D, S, dtype, seed):
@@ -63,7 +71,7 @@ def test_ring_wrapped_decode(dtype, G):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_ring_verify_T4_window_and_stale(dtype):
+def test_ring_verify_T4_window_and_stale(dtype, row_mode):
     # speculative verify: 4 queries at 97..100 whose K/V are already in the ring; each query must
     # not see the later drafts (slot_pos > q_pos) and sees at most `window` keys.
     B, T, Hq, Hkv, D, S = 2, 4, 8, 2, 16, 28
@@ -147,7 +155,19 @@ def test_many_rows_several_row_blocks_and_strided_inputs():
     check(q, k, v, slot_pos, q_pos, window=24, scale=0.25, block_m=16, num_splits=2)
 
 
-def test_long_mostly_empty_linear_cache_default_heuristics():
+def test_many_rows_default_heuristics(row_mode):
+    # T*G = 9*4 = 36 rows: three 16-row blocks (row-invariant) or one 64-row block (heuristic)
+    B, T, Hq, Hkv, D, S = 2, 9, 8, 2, 16, 300
+    q, k, v = make(B, T, Hq, Hkv, D, S, torch.float32, seed=12)
+    j = torch.arange(S, dtype=torch.int32)
+    slot_pos = torch.where(j < 260, j, -1)[None].repeat(B, 1)
+    q_pos = (251 + torch.arange(T, dtype=torch.int32))[None].repeat(B, 1)
+    out = da.decode_attention_triton(q, k, v, slot_pos, q_pos, 0, 0.25)
+    ref = da.decode_attention_ref(q, k, v, slot_pos, q_pos, 0, 0.25)
+    assert (out - ref).abs().max().item() <= 2e-5
+
+
+def test_long_mostly_empty_linear_cache_default_heuristics(row_mode):
     # a 4096-slot linear cache holding 70 positions, window 0, default split heuristic
     B, T, Hq, Hkv, D, S = 1, 2, 4, 2, 16, 4096
     q, k, v = make(B, T, Hq, Hkv, D, S, torch.float32, seed=10)

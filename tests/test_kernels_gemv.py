@@ -37,11 +37,32 @@ def rand(shape, dtype, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
+@pytest.fixture(params=[None, False], ids=["follow-switch", "forced-off"])
+def gemv_mode(request, monkeypatch):
+    """BATCH_INVARIANT None follows the row-invariance switch (on by default: every M on the 16-row
+    tensor-core tile); False forces the M-dependent configs, including the M == 1 CUDA-core path."""
+    monkeypatch.setattr(gv, "BATCH_INVARIANT", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M", [1, 2, 5, 16])
 @pytest.mark.parametrize("N,K", [(64, 256), (70, 200), (33, 512)])
-def test_heuristic_config(dtype, M, N, K):
+def test_heuristic_config(dtype, M, N, K, gemv_mode):
     check(rand((M, K), dtype, M), rand((N, K), dtype, N + K))
+
+
+def test_batch_invariant_follows_switch(monkeypatch):
+    import kernels.invariance as invariance
+
+    monkeypatch.setattr(gv, "BATCH_INVARIANT", None)
+    for switch in (True, False):
+        monkeypatch.setattr(invariance, "ROW_INVARIANT", switch)
+        assert gv.batch_invariant() is switch
+        assert (gv.gemv_config(1, 2560, 2560, 2, 132)["BLOCK_M"] == 16) is switch
+    monkeypatch.setattr(gv, "BATCH_INVARIANT", False)  # forced off whatever the switch says
+    monkeypatch.setattr(invariance, "ROW_INVARIANT", True)
+    assert not gv.batch_invariant()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kernels._common as common  # noqa: E402
+import kernels.invariance as invariance  # noqa: E402
 import kernels.rmsnorm as rn  # noqa: E402
 
 
@@ -45,14 +46,22 @@ def inputs(shape, dtype, seed, res_dtype=None):
     return x, r, w1, w2
 
 
-# N=256: one tile, several rows per program; N=100: ragged tile; N=300 with block_n=64: chunked.
+# N=256: one tile, several rows per program (row-invariant mode off); N=100: ragged tile;
+# N=300 with block_n=64: chunked.
 SHAPES = [((3, 5, 256), None), ((7, 100), None), ((4, 300), 64)]
+
+
+@pytest.fixture(params=[True, False], ids=["row-invariant", "rows-per-program"])
+def row_mode(request, monkeypatch):
+    """Both launch configs: one row per program (the default) and several rows per program."""
+    monkeypatch.setattr(invariance, "ROW_INVARIANT", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape,block_n", SHAPES)
 @pytest.mark.parametrize("plus_one", [False, True])
-def test_rmsnorm(dtype, shape, block_n, plus_one):
+def test_rmsnorm(dtype, shape, block_n, plus_one, row_mode):
     x, _, w, _ = inputs(shape, dtype, seed=len(shape) + shape[-1])
     for weight in (w, None):
         assert_close(rn.rmsnorm_triton(x, weight, EPS, plus_one, block_n=block_n),
@@ -62,13 +71,43 @@ def test_rmsnorm(dtype, shape, block_n, plus_one):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape,block_n", SHAPES)
 @pytest.mark.parametrize("plus_one", [False, True])
-def test_sandwich(dtype, shape, block_n, plus_one):
+def test_sandwich(dtype, shape, block_n, plus_one, row_mode):
     x, r, w1, w2 = inputs(shape, dtype, seed=shape[-1] + 1)
     for wpost, wpre in ((w1, w2), (None, w2), (w1, None)):
         h, y = rn.post_norm_residual_pre_norm_triton(x, r, wpost, wpre, EPS, plus_one, block_n=block_n)
         hr, yr = rn.post_norm_residual_pre_norm_ref(x, r, wpost, wpre, EPS, plus_one)
         assert_close(h, hr)
         assert_close(y, yr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,block_n", SHAPES)
+def test_sandwich_layer_scalar_and_residual_only(dtype, shape, block_n, row_mode):
+    # Gemma 4's layer scalar scales h (rounded again) before the next norm; the residual-only
+    # variant (engine add_norm) stops after h.
+    x, r, w1, w2 = inputs(shape, dtype, seed=shape[-1] + 2)
+    scalar = torch.tensor([0.37]).to(dtype)
+    h, y = rn.post_norm_residual_pre_norm_triton(x, r, w1, w2, EPS, False, block_n=block_n, scalar=scalar)
+    hr, yr = rn.post_norm_residual_pre_norm_ref(x, r, w1, w2, EPS, False, scalar)
+    assert_close(h, hr)
+    assert_close(y, yr)
+    assert_close(rn.residual_rmsnorm_triton(x, r, w1, EPS, True, block_n=block_n),
+                 rn.residual_rmsnorm_ref(x, r, w1, EPS, True))
+
+
+def test_layer_scalar_must_be_one_element():
+    x, r, w1, w2 = inputs((2, 64), torch.float32, seed=16)
+    with pytest.raises(ValueError):
+        rn.post_norm_residual_pre_norm_triton(x, r, w1, w2, EPS, False, scalar=torch.ones(2))
+
+
+def test_config_row_invariant_depends_only_on_n(monkeypatch):
+    monkeypatch.setattr(invariance, "ROW_INVARIANT", True)
+    for N in (64, 256, 512, 2560, 40000):
+        configs = {rn._config(N, R) for R in range(1, 17 * 42)}
+        assert len(configs) == 1 and next(iter(configs))[1] == 1, (N, configs)  # BLOCK_R = 1
+    monkeypatch.setattr(invariance, "ROW_INVARIANT", False)
+    assert rn._config(256, 1) != rn._config(256, 9)  # the heuristic the mode replaces
 
 
 def test_sandwich_rounding_order_fp16_residual_fp32():

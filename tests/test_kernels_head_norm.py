@@ -1,0 +1,125 @@
+"""Per-head RMSNorm (+ RoPE) and the fused K/V cache write, under TRITON_INTERPRET=1.
+
+The references are `engine.ops`' own functions (norm_rope, scale_free_norm, write_kv). fp32 must
+match to ~1e-6. In fp16 the reference rounds after every RoPE multiply and add while the kernel
+rounds once (as the torch.compile'd path does), so fp16 is held to a few ulps.
+"""
+from __future__ import annotations
+
+from kernels import _testutil
+
+RUN_HERE = _testutil.enter_interpreter()  # sets TRITON_INTERPRET=1 before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import engine.ops as ops  # noqa: E402
+import kernels.head_norm as hn  # noqa: E402
+
+
+_needs_interpreter, test_interpreter_in_fresh_process = _testutil.interpreter_guards(RUN_HERE, __file__)
+
+
+EPS = 1e-6
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    rel = {torch.float32: 4e-6, torch.float16: 2 ** -8}[ref.dtype]
+    tol = rel * max(ref.float().abs().max().item(), 1.0)
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= tol, f"max abs err {err:.3e} > {tol:.3e} ({ref.dtype})"
+
+
+def qkv_slices(B, T, H, Hkv, D, dtype, seed):
+    """q, k, v as the engine gets them: strided views into one fused QKV output."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = (2 * torch.randn(B, T, (H + 2 * Hkv) * D, generator=g)).to(dtype)
+    q = qkv[..., :H * D].view(B, T, H, D)
+    k = qkv[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D)
+    v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+    return q, k, v
+
+
+def rope_tables(B, T, D, dtype, seed, start=0):
+    pos = torch.arange(start, start + B * T, dtype=torch.float32).view(B, T)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
+    ang = pos[..., None] * inv
+    emb = torch.cat([ang, ang], dim=-1)
+    return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D", [16, 32, 48])
+@pytest.mark.parametrize("plus_one", [False, True])
+def test_norm_rope_matches_engine_reference(dtype, D, plus_one):
+    q, _, _ = qkv_slices(2, 3, 4, 2, D, dtype, seed=D)
+    w = torch.randn(D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    cos, sin = rope_tables(2, 3, D, dtype, seed=2, start=5)
+    assert_close(hn.head_norm_triton(q, w, EPS, plus_one, cos, sin),
+                 ops.norm_rope.reference(q, w, cos, sin, EPS, plus_one))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_head_norm_without_rope_and_scale_free(dtype):
+    _, k, v = qkv_slices(2, 4, 4, 2, 32, dtype, seed=3)
+    w = torch.randn(32, generator=torch.Generator().manual_seed(4)).to(dtype)
+    assert_close(hn.head_norm_triton(k, w, EPS, True), hn.head_norm_ref(k, w, EPS, True))
+    assert_close(hn.head_norm_triton(v, None, EPS, False), ops.scale_free_norm.reference(v, EPS))
+
+
+def test_broadcast_cos_sin_and_errors():
+    q, _, _ = qkv_slices(2, 3, 4, 2, 16, torch.float32, seed=5)
+    w = torch.randn(16, generator=torch.Generator().manual_seed(6))
+    cos, sin = rope_tables(1, 3, 16, torch.float32, seed=7)  # one stream's table for both streams
+    assert_close(hn.head_norm_triton(q, w, EPS, False, cos, sin), hn.head_norm_ref(q, w, EPS, False, cos, sin))
+    with pytest.raises(ValueError):
+        hn.head_norm_triton(q, w, EPS, False, cos, None)
+
+
+def make_cache(B, Hkv, S, D, dtype):
+    k = torch.full((B, Hkv, S + 1, D), float("nan"), dtype=dtype)  # never-written memory
+    return k, k.clone(), torch.full((B, S + 1), -1, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("v_norm", [True, False])
+@pytest.mark.parametrize("plus_one", [False, True])
+def test_write_kv_matches_engine_reference(dtype, v_norm, plus_one):
+    # ring of 10 slots (positions wrap), a padding position going to the trash slot (index S)
+    B, T, Hkv, D, S = 2, 3, 2, 32, 10
+    _, k, v = qkv_slices(B, T, 4, Hkv, D, dtype, seed=8)
+    w = torch.randn(D, generator=torch.Generator().manual_seed(9)).to(dtype)
+    cos, sin = rope_tables(B, T, D, dtype, seed=10, start=8)
+    positions = torch.tensor([[8, 9, 10], [11, 12, -1]])
+    slots = torch.where(positions >= 0, positions.clamp(min=0) % S, S)
+    rows = torch.arange(B)[:, None].expand(B, T)  # stride 0 along T, as the engine passes it
+    pos32 = positions.to(torch.int32)
+    want, got = make_cache(B, Hkv, S, D, dtype), make_cache(B, Hkv, S, D, dtype)
+    ops.write_kv.reference(k, v, w, cos, sin, *want, rows, slots, pos32, EPS, plus_one, v_norm)
+    hn.write_kv_triton(k, v, w, cos, sin, *got, rows, slots, pos32, EPS, plus_one, v_norm)
+    assert torch.equal(got[2], want[2])
+    real = slice(0, S)  # the trash slot takes two padding writes in the same launch: any one wins
+    for g, r in zip(got[:2], want[:2]):
+        assert torch.equal(torch.isnan(g[:, :, real]), torch.isnan(r[:, :, real]))  # same slots written
+        written = ~torch.isnan(r[:, :, real])
+        assert_close(g[:, :, real][written], r[:, :, real][written])
+
+
+def test_write_kv_k_eq_v_and_row_mapping():
+    # K = V (the same raw tensor, 26B/31B global layers), and streams written to other cache rows
+    B, T, Hkv, D, S = 2, 2, 1, 16, 6
+    _, k, _ = qkv_slices(B, T, 2, Hkv, D, torch.float32, seed=11)
+    w = torch.randn(D, generator=torch.Generator().manual_seed(12))
+    cos, sin = rope_tables(B, T, D, torch.float32, seed=13)
+    rows = torch.tensor([[2, 2], [0, 0]])
+    positions = torch.tensor([[3, 4], [0, 1]])
+    want, got = make_cache(3, Hkv, S, D, torch.float32), make_cache(3, Hkv, S, D, torch.float32)
+    pos32 = positions.to(torch.int32)  # linear cache: slot = position
+    ops.write_kv.reference(k, k, w, cos, sin, *want, rows, positions, pos32, EPS, False, True)
+    hn.write_kv_triton(k, k, w, cos, sin, *got, rows, positions, pos32, EPS, False, True)
+    assert torch.equal(got[2], want[2])
+    for g, r in zip(got[:2], want[:2]):
+        written = ~torch.isnan(r)
+        assert torch.equal(written, ~torch.isnan(g))
+        assert_close(g[written], r[written])
