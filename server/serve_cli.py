@@ -61,7 +61,7 @@ def serve_main(argv: Sequence[str]) -> int:
     r = loaded.recipe
     log.info("recipe %s: %s, knobs %s, %.1f tok/s claimed on %s", a.recipe, r.model.name, r.knobs,
              r.metrics.tps.value, r.hardware.gpu_name)
-    mode = ("speculative waves through Generator.generate (per-stream speculative steps not yet available)"
+    mode = ("continuous batching, per-stream speculative decoding for greedy requests"
             if state.scheduler.speculative else "continuous batching")
     log.info("batch rows %d (%s), context %d tokens per stream", state.scheduler.batch, mode, state.max_context)
     config = uvicorn.Config(create_app(state), host=a.host, port=a.port, log_level=a.log_level,
