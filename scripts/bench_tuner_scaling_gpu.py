@@ -6,7 +6,8 @@ kernels; the workers of one run share that run's cache, as workers on one host d
 = finished trials / (last trial end - first trial start), read from the study's Optuna storage, so Ray
 start-up and model loading are left out of both.
 
-    python scripts/bench_tuner_scaling_gpu.py --gpu h200 --workers 2 --trials 24
+    python scripts/bench_tuner_scaling_gpu.py --gpu h200 --workers 2 --trials 24 \
+        --model gemma-4-mini --search-space search_spaces/gemma-4-mini.yaml
 Prints a table and ends with one JSON line.
 """
 from __future__ import annotations
@@ -30,10 +31,12 @@ def run_study(n_workers: int, args: argparse.Namespace, base: Path) -> dict:
     env = dict(os.environ)
     env["TORCHINDUCTOR_CACHE_DIR"] = str(base / f"inductor-w{n_workers}")
     env["TRITON_CACHE_DIR"] = str(base / f"triton-w{n_workers}")
-    cmd = [sys.executable, "-m", "tuner.cli", args.model, "--gpu", args.gpu, "--random-weights",
+    cmd = [sys.executable, "-m", "tuner.cli", args.model, "--gpu", args.gpu,
            "--workers", str(n_workers), "--trials", str(args.trials), "--search-space", str(args.search_space),
-           "--ppl-max-ratio", "1.05", "--study-dir", str(study_dir), "--study-name", f"scaling-w{n_workers}",
+           "--study-dir", str(study_dir), "--study-name", f"scaling-w{n_workers}",
            "--out", str(base / f"w{n_workers}.recipe.yaml")]
+    if args.random_weights:
+        cmd += ["--random-weights", "--ppl-max-ratio", "1.05"]
     if args.assistant:
         cmd += ["--assistant", args.assistant]
     t0 = time.time()
@@ -61,6 +64,7 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--search-space", type=Path, default=ROOT / "search_spaces/gemma-4-e4b-random.yaml")
     ap.add_argument("--assistant", default=None)
+    ap.add_argument("--random-weights", action="store_true", help="random weights (speed only), ratio limit 1.05")
     a = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="vkae-scaling-"))
     one = run_study(1, a, base)  # the single worker first: it can inherit nothing
@@ -71,7 +75,7 @@ def main() -> int:
         print(f"| {r['workers']} | {r['trials']} | {r['span_s']:.1f} | {r['trials_per_hour']:.1f} | "
               f"{r['overlapping_trial_pairs']} |")
     print(f"ratio {ratio:.2f}x")
-    print(json.dumps({"model": a.model, "weights": "random", "gpu_profile": a.gpu, "one": one, "many": many,
+    print(json.dumps({"model": a.model, "weights": "random" if a.random_weights else "real", "gpu_profile": a.gpu, "one": one, "many": many,
                       "trials_per_hour_ratio": ratio}))
     return 0
 
