@@ -259,6 +259,7 @@ def _drive(ctx: _Context, session: "RaySession", hardware: dict[str, Any], profi
     deadline = time.monotonic() + ctx.opts.timeout_min * 60 if ctx.opts.timeout_min else None
     target = ctx.opts.trials
     best_tps, front_size = _front_summary(study)
+    to_log: list[int] = []  # finished trials, logged to MLflow after idle workers got new trials
     while True:
         done = sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
         may_ask = deadline is None or time.monotonic() < deadline
@@ -275,6 +276,9 @@ def _drive(ctx: _Context, session: "RaySession", hardware: dict[str, Any], profi
             trial.set_user_attr("worker", slot.where())
             pool.submit(slot, "run_trial", (knobs, ctx.plan), payload=trial, timeout_s=ctx.space.trial_timeout_s)
             _event(ctx, "trial_started", trial=trial.number, pid=slot.info["pid"], slot=slot.index, knobs=knobs)
+        for number in to_log:
+            _log_trial(study, ctx.tracker, number, hardware, profile)
+        to_log.clear()
         ctx.progress.update(done, pool.in_flight(), best_tps, front_size)
         if pool.in_flight() == 0 and (not may_ask or done >= target):
             break
@@ -282,7 +286,7 @@ def _drive(ctx: _Context, session: "RaySession", hardware: dict[str, Any], profi
             raise StudyError("every worker was taken out of the pool: " + "; ".join(pool.events[-3:]))
         for fin in pool.poll(1.0):
             _tell(ctx, fin.payload, fin.result)
-            _log_trial(study, ctx.tracker, fin.payload.number, hardware, profile)
+            to_log.append(fin.payload.number)
             best_tps, front_size = _front_summary(study)
         for line in pool.events[len(getattr(ctx, "_seen_events", [])):]:
             ctx.progress.message("worker pool: " + line)

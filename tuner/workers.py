@@ -219,7 +219,14 @@ class WorkerPool:
         deadlines = [s.deadline for s in self.slots if s.busy is not None] + \
                     [s.load_deadline for s in self.slots if s.ready_ref is not None]
         wait = max(0.0, min([max_wait_s] + [d - now for d in deadlines]))
-        done = set(ray.wait(refs, num_returns=len(refs), timeout=wait)[0]) if refs else set()
+        done: set = set()
+        if refs:
+            # return as soon as ANY trial or load finishes (waiting for all of them would leave a
+            # finished worker idle until the slowest one is done), plus whatever else is ready now
+            first, rest = ray.wait(refs, num_returns=1, timeout=wait)
+            done = set(first)
+            if first and rest:
+                done |= set(ray.wait(rest, num_returns=len(rest), timeout=0)[0])
         if not refs:
             time.sleep(min(wait, 0.05))
         finished: list[Finished] = []
