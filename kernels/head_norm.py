@@ -18,19 +18,12 @@ from __future__ import annotations
 import torch
 
 from ._common import HAS_TRITON, next_pow2, tl, triton
+from .rmsnorm import rmsnorm_ref
 
 
 # --------------------------------------------------------------------------------------------
-# Reference (test oracle): the engine's reference functions, spelled out
+# Reference (test oracle): the shared RMSNorm reference plus rotate-half RoPE
 # --------------------------------------------------------------------------------------------
-def _norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, plus_one: bool) -> torch.Tensor:
-    xf = x.float()
-    out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
-        out = out * (1.0 + weight.float() if plus_one else weight.float())
-    return out.type_as(x)
-
-
 def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
@@ -38,7 +31,7 @@ def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 def head_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, plus_one: bool,
                   cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
-    n = _norm_ref(x, weight, eps, plus_one)
+    n = rmsnorm_ref(x, weight, eps, plus_one)
     return n if cos is None else _rope_ref(n, cos, sin)
 
 
@@ -47,7 +40,7 @@ def write_kv_ref(k_raw: torch.Tensor, v_raw: torch.Tensor, k_weight: torch.Tenso
                  rows: torch.Tensor, slots: torch.Tensor, pos32: torch.Tensor, eps: float, plus_one: bool,
                  v_norm: bool) -> None:
     k_cache[rows, :, slots] = head_norm_ref(k_raw, k_weight, eps, plus_one, cos, sin)
-    v_cache[rows, :, slots] = _norm_ref(v_raw, None, eps, False) if v_norm else v_raw
+    v_cache[rows, :, slots] = rmsnorm_ref(v_raw, None, eps, False) if v_norm else v_raw
     slot_pos[rows, slots] = pos32
 
 
