@@ -56,6 +56,6 @@ def attend_cache(q: torch.Tensor, cache, positions: torch.Tensor, window: int | 
         # A linear cache holds position p in slot p, so slots past the newest query are never visible:
         # attend over the live prefix only (no CUDA graph here, so a data-dependent length is fine).
         live = min(k.shape[2], int(positions.max()) + 1)
-        k, v, slot_pos = k[:, :, :live].contiguous(), v[:, :, :live].contiguous(), slot_pos[:, :live]
+        k, v, slot_pos = k[:, :, :live], v[:, :, :live], slot_pos[:, :live]  # views: SDPA takes strides
     mask = visibility(positions, slot_pos, window)
     return attend(q.transpose(1, 2), k, v, mask, scale, softcap).transpose(1, 2)

@@ -89,6 +89,7 @@ class Generator:
         self.cache = KVCache(self.arch, knobs.batch_size, max_context, self.window, self.device, self.model.dtype)
         self.use_graphs = use_cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], StepGraph] = {}  # (rows, width) -> captured step
+        self._prefixes: dict[int, KVCache] = {}  # rows -> view of the first rows (built once, not per step)
 
     # ---- steps -------------------------------------------------------------------------
     def _step_eager(self, tokens: torch.Tensor, positions: torch.Tensor,
@@ -101,7 +102,9 @@ class Generator:
         """One target forward of width T over the first B' cache rows (B' = tokens.shape[0] <= batch)
         -> (hidden [B', T, H], greedy ids [B', T]). Callers pass only the rows up to the last busy one."""
         rows, width = tokens.shape
-        cache = self.cache.prefix(rows)
+        cache = self._prefixes.get(rows)
+        if cache is None:
+            cache = self._prefixes[rows] = self.cache.prefix(rows)
         if not self.use_graphs:
             return self._step_eager(tokens, positions, cache)
         if (rows, width) not in self._graphs:

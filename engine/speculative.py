@@ -168,7 +168,6 @@ class SpeculativeRows:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         self.draft_seconds += time.perf_counter() - td
-        B = gen.cache.batch
         live = 1 + max(r for r, a in enumerate(st.active) if a)  # rows past the last busy one are not stepped
         active_t = torch.tensor(st.active[:live], device=dev)
         last, pos = st.last[:live], st.pos[:live]
@@ -183,15 +182,10 @@ class SpeculativeRows:
             hidden, greedy = gen.step(last[:, None], positions)
             n = torch.zeros(live, dtype=torch.long, device=dev)
             nxt = gen._pick(hidden, greedy, self.params, self.rng)[:, 0]
-        h_new = hidden.gather(1, n[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
-        last_new = torch.where(active_t, nxt, last)
-        pos_new = torch.where(active_t, pos + n + 1, pos)
-        if live < B:
-            h_new = torch.cat([h_new, st.hidden[live:]])
-            last_new, pos_new = torch.cat([last_new, st.last[live:]]), torch.cat([pos_new, st.pos[live:]])
-            n = torch.cat([n, n.new_zeros(B - live)])
-            nxt = torch.cat([nxt, st.last[live:]])
-        st.hidden, st.last, st.pos = h_new, last_new, pos_new
+        # rows at and past `live` are idle and keep their state; only the stepped prefix is updated
+        st.hidden[:live] = hidden.gather(1, n[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
+        st.last[:live] = torch.where(active_t, nxt, last)
+        st.pos[:live] = torch.where(active_t, pos + n + 1, pos)
         n_host, nxt_host, drafts_host = n.tolist(), nxt.tolist(), drafts.tolist()  # one host read per step
         committed: dict[int, list[int]] = {}
         for row, active in enumerate(st.active):
