@@ -50,6 +50,18 @@ def write_kv_ref(k_raw: torch.Tensor, v_raw: torch.Tensor, k_weight: torch.Tenso
 if HAS_TRITON:
 
     @triton.jit
+    def _weighted(xv, x_row, w_ptr, idx, ok, inv, HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr):
+        """Loaded fp32 values `xv` (at columns `idx`) times the row's `inv`, weighted, and rounded
+        through x's dtype as the reference casts the norm's output back. Returns fp32."""
+        n = xv * inv
+        if HAS_W:
+            w = tl.load(w_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+            if PLUS_ONE:
+                w = 1.0 + w
+            n = n * w
+        return n.to(x_row.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
     def _normed_head(x_row, w_ptr, cs_row, sn_row, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
                      HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr, ROPE: tl.constexpr):
         """One head: norm (fp32, cast to x's dtype), then optionally RoPE in fp32. Returns fp32."""
@@ -57,26 +69,14 @@ if HAS_TRITON:
         c_ok = cols < D
         x = tl.load(x_row + cols, mask=c_ok, other=0.0).to(tl.float32)
         inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        n = x * inv
-        if HAS_W:
-            w = tl.load(w_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
-            if PLUS_ONE:
-                w = 1.0 + w
-            n = n * w
-        n = n.to(x_row.dtype.element_ty).to(tl.float32)
+        n = _weighted(x, x_row, w_ptr, cols, c_ok, inv, HAS_W, PLUS_ONE)
         if ROPE:
             # rotate_half: out[i] = n[i]*cos[i] - n[i+D/2]*sin[i] (i < D/2), n[i]*cos[i] + n[i-D/2]*sin[i].
             # The partner element is re-read and re-normed (same inv, same weight) rather than
             # shuffled across threads: D is small and the row is already in L1.
             rcols = tl.where(cols < D // 2, cols + D // 2, cols - D // 2)
             xr = tl.load(x_row + rcols, mask=c_ok, other=0.0).to(tl.float32)
-            nr = xr * inv
-            if HAS_W:
-                wr = tl.load(w_ptr + rcols, mask=c_ok, other=0.0).to(tl.float32)
-                if PLUS_ONE:
-                    wr = 1.0 + wr
-                nr = nr * wr
-            nr = nr.to(x_row.dtype.element_ty).to(tl.float32)
+            nr = _weighted(xr, x_row, w_ptr, rcols, c_ok, inv, HAS_W, PLUS_ONE)
             rot = tl.where(cols < D // 2, -nr, nr)
             c = tl.load(cs_row + cols, mask=c_ok, other=0.0).to(tl.float32)
             s = tl.load(sn_row + cols, mask=c_ok, other=0.0).to(tl.float32)
