@@ -137,5 +137,25 @@ def test_chunked_prefill_attention_equals_whole() -> None:
     q, k, v = torch.randn(B, H, T, D), torch.randn(B, 2, T, D), torch.randn(B, 2, T, D)
     pos = torch.arange(T)[None].expand(B, -1)
     mask = visibility(pos, pos, 5)
-    whole = eng._attend_chunked(q, k, v, mask, chunk=1024)
-    assert torch.allclose(eng._attend_chunked(q, k, v, mask, chunk=8), whole, atol=1e-6)
+    whole = eng._attend_chunked(q, k, v, mask, None, chunk=1024)
+    assert torch.allclose(eng._attend_chunked(q, k, v, mask, None, chunk=8), whole, atol=1e-6)
+
+
+def test_sliding_prefill_attends_only_inside_the_window() -> None:
+    """Sliding layers slice the keys per query band; the result equals masked attention over every key,
+    also with right padding (positions -1) in the batch."""
+    _, eng = _pair(CONFIGS["gemma4-e4b-style"])
+    from engine.attention import attend, visibility
+
+    a = eng.arch
+    B, H, T, D = 2, 4, 300, 16
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, 2, T, D), torch.randn(B, 2, T, D)
+    pos = torch.arange(T)[None].repeat(B, 1)
+    pos[1, 250:] = -1  # the second stream is 250 tokens long
+    for window in (5, 64, 100, 299):
+        mask = visibility(pos, pos, window)
+        banded = eng._attend_chunked(q, k, v, mask, window)
+        full = attend(q, k, v, mask, a.attn_scale, a.attn_softcap)
+        live = (pos >= 0)[:, None, :, None].expand_as(full)
+        assert torch.allclose(banded[live], full[live], atol=1e-5), window
+        assert torch.isfinite(banded).all()
