@@ -1,12 +1,17 @@
 """The bridge between HTTP handlers (asyncio) and the engine thread: submit requests, receive their events.
 
-Each prompt of a request becomes one engine stream ("choice"). Events arrive on the event loop through
-`call_soon_threadsafe`, so the engine thread never blocks on a slow client. A `Choice` accumulates what
-the response needs: text (via TextAssembler and its stop strings), token ids, logprobs, finish reason.
+Each prompt of a request becomes one engine stream ("choice"). The engine thread appends events to a
+deque and wakes the event loop at most once per batch of events (one `call_soon_threadsafe` while no wake-up
+is pending, not one per token): a speculative step commits several tokens at once, and every wake-up costs
+a syscall plus a GIL hand-over that the engine thread would otherwise wait for. The engine thread never
+blocks on a slow client. A `Choice` accumulates what the response needs: text (via TextAssembler and its
+stop strings), token ids, logprobs, finish reason.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
+import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -52,16 +57,37 @@ class StreamSet:
         self.tokenizer = tokenizer
         self.eos = eos
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self.events: collections.deque[tuple[int, Any]] = collections.deque()  # appended on the engine thread
+        self._ready = asyncio.Event()  # set on the loop when events may be waiting
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
         self.choices: list[Choice] = []
 
     def _sink(self, index: int):
         def put(event: Any) -> None:
+            self.events.append((index, event))
+            with self._wake_lock:
+                if self._wake_pending:
+                    return  # the loop has not run the last wake-up yet: it will see this event too
+                self._wake_pending = True
             try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+                self.loop.call_soon_threadsafe(self._wake)
             except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
                 pass
         return put
+
+    def _wake(self) -> None:  # on the event loop
+        with self._wake_lock:
+            self._wake_pending = False
+        self._ready.set()
+
+    async def _next_event(self) -> tuple[int, Any]:
+        while not self.events:
+            self._ready.clear()
+            if self.events:  # appended between the check and the clear: its wake-up may already have run
+                break
+            await self._ready.wait()
+        return self.events.popleft()
 
     def submit(self, prompts: list[list[int]], *, max_tokens: int, sampling: SamplingParams, stops: list[str],
                ignore_eos: bool, logprobs: int | None, prompt_logprobs: int | None) -> None:
@@ -88,7 +114,7 @@ class StreamSet:
     async def deltas(self) -> AsyncIterator[Delta]:
         """Yield per-event changes until every choice is done (a stop string ends a choice at once)."""
         while not all(c.done for c in self.choices):
-            index, event = await self.queue.get()
+            index, event = await self._next_event()
             choice = self.choices[index]
             if choice.done:
                 continue  # events after a stop string: the engine has not seen the cancel yet

@@ -1,8 +1,11 @@
 """Output text of one stream: incremental decoding with stop strings, safe for streaming.
 
-Text is re-decoded from all output ids each time (byte-level and SentencePiece-style tokens only form
-valid UTF-8 in context). What is sent is held back while it could still turn into a stop string, or while it
-ends in an incomplete UTF-8 sequence (U+FFFD), so a streamed client never receives text it must take back.
+Byte-level and SentencePiece-style tokens only form valid UTF-8 (and the right leading spaces) in context,
+so each new token is decoded together with the tokens since the last complete character boundary, behind
+one token of already-decoded context: constant work per token, where re-decoding every output id each time
+costs O(n^2) over a long completion. What is sent is held back while it could still turn into a stop
+string, or while it ends in an incomplete UTF-8 sequence (U+FFFD), so a streamed client never receives
+text it must take back.
 """
 from __future__ import annotations
 
@@ -14,21 +17,37 @@ class TextAssembler:
         self.tokenizer = tokenizer
         self.stops = list(stops)
         self.eos = eos_ids
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # output ids without EOS: what the text is decoded from
         self.sent = ""  # text already handed out
         self.stopped = False  # a stop string was found: the stream must end
+        self._stable = ""  # decoded text of ids[:self._read], which ends on a complete character
+        self._context = 0  # ids[self._context:self._read] are re-decoded as context for the new ids
+        self._read = 0
+        self._longest_stop = max((len(x) for x in self.stops), default=0)
 
     def _decode(self) -> str:
+        """The text of every output id so far."""
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode([i for i in self.ids if i not in self.eos])
+        head = self.tokenizer.decode(self.ids[self._context:self._read])
+        full = self.tokenizer.decode(self.ids[self._context:])
+        if not full.startswith(head):  # a decoder that rewrites earlier text: decode everything (rare)
+            text = self.tokenizer.decode(self.ids)
+        else:
+            text = self._stable + full[len(head):]
+        if not text.endswith("\ufffd"):
+            self._stable, self._context, self._read = text, self._read, len(self.ids)
+        return text
 
     def add(self, token_id: int) -> str:
         """Add one output token; return the new text that is safe to send now."""
-        self.ids.append(token_id)
+        if token_id not in self.eos:
+            self.ids.append(token_id)
         text = self._decode()
         if self.stops:
-            hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+            # a stop string cannot start inside the sent text (a suffix that could begin one is held back)
+            start = max(0, len(self.sent) - self._longest_stop)
+            hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
             if hits:
                 self.stopped = True
                 return self._take(text[:min(hits)])

@@ -150,3 +150,27 @@ def _run_waves(scheduler: Scheduler, prompts: list[list[int]], n: int) -> list[l
         while scheduler._pending:
             scheduler._wave()
     return outs
+
+
+@pytest.mark.parametrize("folder", ["gemma3-tokenizer", "gemma-4-mini"])
+def test_incremental_text_equals_decoding_every_id(folder):
+    """The per-token incremental decode streams exactly the text of decoding all output ids at once,
+    through multi-byte characters split over byte tokens, leading spaces and EOS ids."""
+    from pathlib import Path
+
+    from engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(Path(__file__).resolve().parents[1] / "engine" / "assets" / folder)
+    eos = set(tok.eos_ids)
+    text = "Grüße — naïve café: 東京 ✓ 🙂🙂 x\n\n  def f(a, b):\n\treturn a ≤ b  # ok"
+    ids = tok.encode(text, add_bos=False)
+    ids = ids[:20] + [min(eos)] + ids[20:]  # an EOS in the middle (ignore_eos) adds no text
+    t = TextAssembler(tok, [], eos)
+    streamed = "".join(t.add(i) for i in ids) + t.finish()
+    assert streamed == tok.decode([i for i in ids if i not in eos])
+    rng = __import__("random").Random(0)  # arbitrary id soup: broken UTF-8 sequences included
+    soup = [rng.randrange(tok.vocab_size) for _ in range(300)]
+    t = TextAssembler(tok, [], eos)
+    pieces = [t.add(i) for i in soup]
+    assert "".join(pieces) + t.finish() == tok.decode([i for i in soup if i not in eos])
+    assert all("\ufffd" not in p[-1:] for p in pieces)  # never a half character at the end of a piece
