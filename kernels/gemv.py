@@ -49,21 +49,15 @@ def linear_small_m_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, sxm, sxk, swn, swk, sym, syn, k_per_split,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-                     EVEN_K: tl.constexpr):
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
+    def _gemv_acc(x_ptr, w_rows, M, k_start, k_end, sxm, sxk, swk,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr):
+        """fp32 partial sums of x[:, k_start:k_end] @ w_rows[:, k_start:k_end].T: [BLOCK_M, BLOCK_N]
+        with USE_DOT, else [BLOCK_N] (M == 1). `w_rows` [BLOCK_N, 1] pointers to the weight rows this
+        program owns (shared by `_gemv_kernel` and the fused-epilogue kernels of `kernels.gemv_epilogue`,
+        so every variant streams the weights the same way)."""
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        k_start = pid_k * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, K)
-        # Clamp out-of-range rows to row 0 instead of masking: keeps the weight loads unmasked
-        # along K (vectorised 16-byte loads); their results are dropped at the store.
-        w_rows = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * swn
         if USE_DOT:
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         else:
@@ -84,6 +78,26 @@ if HAS_TRITON:
             else:
                 x = tl.load(x_ptr + offs_k * sxk, mask=offs_k < k_end, other=0.0).to(tl.float32)
                 acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        return acc
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, sxm, sxk, swn, swk, sym, syn, k_per_split,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                     EVEN_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_m = tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        k_start = pid_k * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        # Clamp out-of-range rows to row 0 instead of masking: keeps the weight loads unmasked
+        # along K (vectorised 16-byte loads); their results are dropped at the store.
+        w_rows = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * swn
+        acc = _gemv_acc(x_ptr, w_rows, M, k_start, k_end, sxm, sxk, swk,
+                        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K)
         if USE_DOT:
             out = acc
             rows = offs_m[:, None]
@@ -135,11 +149,10 @@ def gemv_config(M: int, N: int, K: int, elem_bytes: int, sms: int) -> dict[str, 
                 k_per_split=k_per_split, num_warps=4, num_stages=4)
 
 
-def linear_small_m_triton(x: torch.Tensor, w: torch.Tensor, split_k: int | None = None,
-                          block_k: int | None = None, config: dict[str, int] | None = None) -> torch.Tensor:
-    """Triton path for x [M, K] (M <= 16), w [N, K]. `split_k` / `block_k` override the
-    heuristic (tests use them to force the two-pass reduction on small shapes); `config`
-    overrides any key of `gemv_config` (used by benchmark sweeps)."""
+def resolve_config(x: torch.Tensor, w: torch.Tensor, split_k: int | None = None, block_k: int | None = None,
+                   config: dict[str, int] | None = None) -> dict[str, int]:
+    """The launch config of x [M, K] @ w [N, K].T: `gemv_config` plus the overrides of
+    `linear_small_m_triton`, with whole BLOCK_K tiles per split and no split starting past K."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"need x [M, K] and w [N, K]; got {tuple(x.shape)} and {tuple(w.shape)}")
     M, K = x.shape
@@ -156,6 +169,37 @@ def linear_small_m_triton(x: torch.Tensor, w: torch.Tensor, split_k: int | None 
         # whole tiles per split; drop splits that would start past K
         cfg["k_per_split"] = cdiv(cdiv(K, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
         cfg["SPLIT_K"] = cdiv(K, cfg["k_per_split"])
+    return cfg
+
+
+def kernel_flags(x: torch.Tensor, w: torch.Tensor, cfg: dict[str, int]) -> dict[str, bool]:
+    """The dtype/shape constexprs of the K loop (`_gemv_acc`) for this call."""
+    dot_fp32 = (x.dtype != w.dtype or w.dtype == torch.float32
+                or (INTERPRET and w.dtype == torch.bfloat16))
+    even_k = x.shape[1] % cfg["BLOCK_K"] == 0 and cfg["k_per_split"] % cfg["BLOCK_K"] == 0
+    return dict(USE_DOT=cfg["BLOCK_M"] > 1, DOT_FP32=dot_fp32, EVEN_K=even_k)
+
+
+def launch_gemv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, part: torch.Tensor, cfg: dict[str, int]) -> None:
+    """First pass: y = x @ w.T when cfg["SPLIT_K"] == 1, else fp32 partial sums into part [SPLIT_K, M, N]
+    (the caller reduces them: `_splitk_reduce_kernel`, or a fused epilogue of `kernels.gemv_epilogue`)."""
+    M, K = x.shape
+    N = w.shape[0]
+    _gemv_kernel[(cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])](
+        x, w, y, part, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        y.stride(0), y.stride(1), cfg["k_per_split"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
+        **kernel_flags(x, w, cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def linear_small_m_triton(x: torch.Tensor, w: torch.Tensor, split_k: int | None = None,
+                          block_k: int | None = None, config: dict[str, int] | None = None) -> torch.Tensor:
+    """Triton path for x [M, K] (M <= 16), w [N, K]. `split_k` / `block_k` override the
+    heuristic (tests use them to force the two-pass reduction on small shapes); `config`
+    overrides any key of `gemv_config` (used by benchmark sweeps)."""
+    cfg = resolve_config(x, w, split_k, block_k, config)
+    M, K = x.shape
+    N = w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
@@ -163,15 +207,7 @@ def linear_small_m_triton(x: torch.Tensor, w: torch.Tensor, split_k: int | None 
         return y.zero_()
     split = cfg["SPLIT_K"]
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
-    dot_fp32 = (x.dtype != w.dtype or w.dtype == torch.float32
-                or (INTERPRET and w.dtype == torch.bfloat16))
-    even_k = K % cfg["BLOCK_K"] == 0 and cfg["k_per_split"] % cfg["BLOCK_K"] == 0
-    _gemv_kernel[(cdiv(N, cfg["BLOCK_N"]), split)](
-        x, w, y, part, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        y.stride(0), y.stride(1), cfg["k_per_split"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-        USE_DOT=cfg["BLOCK_M"] > 1, DOT_FP32=dot_fp32, EVEN_K=even_k,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch_gemv(x, w, y, part, cfg)
     if split > 1:
         block = 1024
         _splitk_reduce_kernel[(cdiv(M * N, block),)](part, y, M, N, y.stride(0), y.stride(1),

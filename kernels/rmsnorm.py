@@ -103,17 +103,24 @@ if HAS_TRITON:
                 tl.store(yrow + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _h_tile(x_ptrs, r_ptrs, m, inv, wpost, s_ptr, X_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr,
-                HAS_SCALAR: tl.constexpr):
+    def _h_values(x, r, inv, wpost, s_ptr, X_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr,
+                  HAS_SCALAR: tl.constexpr):
         """h = residual + cast_x(norm(x)), rounded to h's dtype, then times the layer scalar (a
-        one-element tensor) rounded again: the reference's rounding order."""
-        x = tl.load(x_ptrs, mask=m, other=0.0).to(tl.float32)
-        r = tl.load(r_ptrs, mask=m, other=0.0).to(tl.float32)
+        one-element tensor) rounded again: the reference's rounding order. x and r in fp32 (x holds
+        values of X_DTYPE); shared with the split-K reduce + norm kernel of `kernels.splitk_norm`."""
         n = (x * inv[:, None] * wpost).to(X_DTYPE).to(tl.float32)
         h = (r + n).to(H_DTYPE)
         if HAS_SCALAR:
             h = (h.to(tl.float32) * tl.load(s_ptr).to(tl.float32)).to(H_DTYPE)
         return h
+
+    @triton.jit
+    def _h_tile(x_ptrs, r_ptrs, m, inv, wpost, s_ptr, X_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr,
+                HAS_SCALAR: tl.constexpr):
+        """`_h_values` of the x and residual tiles at these pointers."""
+        x = tl.load(x_ptrs, mask=m, other=0.0).to(tl.float32)
+        r = tl.load(r_ptrs, mask=m, other=0.0).to(tl.float32)
+        return _h_values(x, r, inv, wpost, s_ptr, X_DTYPE, H_DTYPE, HAS_SCALAR)
 
     @triton.jit
     def _sandwich_kernel(x_ptr, r_ptr, wpost_ptr, wpre_ptr, s_ptr, h_ptr, y_ptr, R, N,
