@@ -58,6 +58,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def tl_dtype(dtype: torch.dtype) -> object:
+    """The triton dtype of a torch float dtype (a kernel's rounding target passed as a constexpr)."""
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
 def interpreted(kernel: object) -> bool:
     """Whether a `@triton.jit` object was built for the interpreter (tests use this to detect a
     module that was imported before `TRITON_INTERPRET=1` was set, and reload it)."""
