@@ -46,10 +46,16 @@ class Linear(nn.Module):
         return cls(torch.cat(weights, dim=0).contiguous())
 
 
+def routes_to_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `matmul(x, w)` takes the small-M GEMV path (decode/verify widths on CUDA) under the
+    policy above; `engine.fused_tail` fuses epilogues into exactly these calls."""
+    return x.is_cuda and GEMV_POLICY != "off" and x.numel() <= MAX_GEMV_ROWS * x.shape[-1] and (
+        GEMV_POLICY == "all" or w.numel() <= SMALL_MATRIX)
+
+
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T through the decode-width policy above (also used for the tied LM head)."""
-    if x.is_cuda and GEMV_POLICY != "off" and x.numel() <= MAX_GEMV_ROWS * x.shape[-1] and (
-            GEMV_POLICY == "all" or w.numel() <= SMALL_MATRIX):
+    if routes_to_gemv(x, w):
         from kernels.gemv import linear_small_m
 
         return linear_small_m(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)

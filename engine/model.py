@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import fused_tail, ops
 from .attention import attend, attend_cache, visibility
 from .cache import KVCache
 from .config import FULL, SLIDING, ArchConfig
@@ -127,14 +127,18 @@ class GemmaDecoder(nn.Module):
                     per_layer: torch.Tensor | None, w_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything after attention; returns the new residual stream and the next layer's normed input."""
         n, (eps, plus_one) = layer.norms, self._eps()
-        h, x = ops.sandwich(layer.o_proj(attn), h, n["post_attention_layernorm"], n["pre_feedforward_layernorm"],
-                            None, eps, plus_one)
-        m = layer.down(ops.gelu_mul(layer.gate_up(x)))
+        # each call is a projection and its epilogue: one fused kernel path at decode widths on CUDA,
+        # the unfused ops (the reference) elsewhere (engine/fused_tail.py)
+        h, x = fused_tail.proj_sandwich(layer.o_proj, attn, h, n["post_attention_layernorm"],
+                                        n["pre_feedforward_layernorm"], None, eps, plus_one)
+        a = fused_tail.proj_geglu(layer.gate_up, x)
         if layer.has_ple:
-            h = ops.add_norm(m, h, n["post_feedforward_layernorm"], eps, plus_one)
-            g = ops.gelu_gate(layer.ple_gate(h), per_layer[:, :, layer.index])
-            return ops.sandwich(layer.ple_proj(g), h, layer.ple_norm, w_next, layer.layer_scalar, eps, plus_one)
-        return ops.sandwich(m, h, n["post_feedforward_layernorm"], w_next, layer.layer_scalar, eps, plus_one)
+            h = fused_tail.proj_add_norm(layer.down, a, h, n["post_feedforward_layernorm"], eps, plus_one)
+            g = fused_tail.proj_gelu_gate(layer.ple_gate, h, per_layer[:, :, layer.index])
+            return fused_tail.proj_sandwich(layer.ple_proj, g, h, layer.ple_norm, w_next, layer.layer_scalar, eps,
+                                            plus_one)
+        return fused_tail.proj_sandwich(layer.down, a, h, n["post_feedforward_layernorm"], w_next, layer.layer_scalar,
+                                        eps, plus_one)
 
     def _next_norm(self, i: int) -> torch.Tensor:
         return self.layers[i + 1].norms["input_layernorm"] if i + 1 < len(self.layers) else self.final_norm

@@ -1,0 +1,82 @@
+"""The decoder layer tail's projection + epilogue pairs, each one op (one launch fewer on the GPU).
+
+After attention every layer runs, per stream position:
+    o_proj -> sandwich        gate_up -> gelu_mul        down -> add_norm (or sandwich)
+    PLE gate -> gelu_gate     PLE proj -> sandwich
+At decode/verify widths (<= 16 rows on CUDA, `engine.linear.routes_to_gemv`) each pair runs as one
+fused Triton path (`kernels.gemv_epilogue`, `kernels.splitk_norm`): GeGLU and the PLE gate in the
+GEMV or its split-K reduction, the residual adds and norms in the split-K reduction. At E4B geometry
+that is 4 launches fewer per layer (168 per decode step): o_proj, down and PLE gate each lose their
+norm/activation kernel, gate_up its gelu_mul; the PLE projection (K = 256, not split) keeps its norm.
+
+Everywhere else (CPU, prefill widths, `VKAE_FUSED_EPILOGUES=0`) each function is the unfused
+composition the model ran before, call for call: `ops.<op>(linear(x), ...)`, so the CPU path and
+its results are unchanged.
+
+`FUSED_EPILOGUES` (env VKAE_FUSED_EPILOGUES, default on) is read at call time: a benchmark can flip
+it in one process (CUDA graphs captured before keep the path they were captured with).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import linear as linear_mod
+from . import ops
+from .linear import Linear
+
+FUSED_EPILOGUES: bool = os.environ.get("VKAE_FUSED_EPILOGUES", "1") != "0"
+
+
+def fusable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Fuse only where the unfused projection would run the Triton GEMV (tests patch this to force
+    the fused kernels onto CPU tensors under the interpreter)."""
+    if not (FUSED_EPILOGUES and linear_mod.routes_to_gemv(x, w)):
+        return False
+    from kernels._common import use_triton  # imported lazily: the engine must not import triton early
+
+    return use_triton(x)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def proj_sandwich(lin: Linear, x: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor,
+                  w_next: torch.Tensor, scalar: torch.Tensor | None, eps: float, plus_one: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ops.sandwich(lin(x), residual, ...)`: (new residual h, next layer's normed input)."""
+    if fusable(x, lin.weight):
+        from kernels.splitk_norm import linear_sandwich_triton
+
+        return linear_sandwich_triton(_rows(x), lin.weight, residual, w_post, w_next, scalar, eps, plus_one)
+    return ops.sandwich(lin(x), residual, w_post, w_next, scalar, eps, plus_one)
+
+
+def proj_add_norm(lin: Linear, x: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor, eps: float,
+                  plus_one: bool) -> torch.Tensor:
+    """`ops.add_norm(lin(x), residual, ...)`: residual + norm(x @ W.T)."""
+    if fusable(x, lin.weight):
+        from kernels.splitk_norm import linear_add_norm_triton
+
+        return linear_add_norm_triton(_rows(x), lin.weight, residual, w_post, eps, plus_one)
+    return ops.add_norm(lin(x), residual, w_post, eps, plus_one)
+
+
+def proj_geglu(lin: Linear, x: torch.Tensor) -> torch.Tensor:
+    """`ops.gelu_mul(lin(x))` for the fused [gate; up] projection: [..., I]."""
+    if fusable(x, lin.weight):
+        from kernels.gemv_epilogue import linear_geglu_triton
+
+        return linear_geglu_triton(_rows(x), lin.weight).view(*x.shape[:-1], -1)
+    return ops.gelu_mul(lin(x))
+
+
+def proj_gelu_gate(lin: Linear, x: torch.Tensor, per_layer_input: torch.Tensor) -> torch.Tensor:
+    """`ops.gelu_gate(lin(x), per_layer_input)`: gelu_tanh(x @ W.T) * the layer's per-layer input."""
+    if fusable(x, lin.weight):
+        from kernels.gemv_epilogue import linear_gelu_gate_triton
+
+        return linear_gelu_gate_triton(_rows(x), lin.weight, _rows(per_layer_input)).view(*x.shape[:-1], -1)
+    return ops.gelu_gate(lin(x), per_layer_input)

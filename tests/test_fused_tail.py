@@ -1,0 +1,166 @@
+"""The fused layer-tail ops (`engine.fused_tail`) wired into whole decode steps, under TRITON_INTERPRET=1.
+
+Tiny Gemma 4 (PLE, layer scalars, plain-weight norms) and Gemma 3 ((1 + w) norms, no PLE) decode steps
+routed the way CUDA routes them (Triton GEMV, norms, attention), with the fused epilogues on, against
+the same step with them off and against the CPU reference: fp32 within 1e-5. Also with a GEMV config
+that splits K everywhere (at tiny widths the heuristic never splits), so the split-K reduce + norm and
+reduce + GELU kernels run inside the model; and the row-invariance property end to end: position 0 of
+a 9-position verify step equals a 1-token decode step bit for bit. On CPU the ops are the unfused
+composition, call for call.
+"""
+from __future__ import annotations
+
+from kernels import _testutil
+
+RUN_HERE = _testutil.enter_interpreter()  # sets TRITON_INTERPRET=1 before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import engine.fused_tail as fused_tail  # noqa: E402
+import engine.linear as linear_mod  # noqa: E402
+import engine.model as model_mod  # noqa: E402
+import engine.ops as ops  # noqa: E402
+import kernels.decode_attention as da  # noqa: E402
+import kernels.gemv as gv  # noqa: E402
+import kernels.gemv_epilogue as ge  # noqa: E402
+import kernels.invariance as invariance  # noqa: E402
+import kernels.splitk_norm as sn  # noqa: E402
+from kernels._common import cdiv  # noqa: E402
+
+_needs_interpreter, test_interpreter_in_fresh_process = _testutil.interpreter_guards(RUN_HERE, __file__)
+
+EPS = 1e-6
+NORM_OPS = ("norm", "add_norm", "sandwich", "norm_rope", "write_kv", "scale_free_norm", "ple_combine")
+FUSED_KERNELS = ((sn, "linear_sandwich_triton"), (sn, "linear_add_norm_triton"), (ge, "linear_geglu_triton"),
+                 (ge, "linear_gelu_gate_triton"))
+
+
+@pytest.fixture(autouse=True)
+def _switches(monkeypatch):
+    monkeypatch.setattr(invariance, "ROW_INVARIANT", True)
+    monkeypatch.setattr(gv, "BATCH_INVARIANT", None)
+    monkeypatch.setattr(fused_tail, "FUSED_EPILOGUES", True)
+
+
+# ---- dispatch -----------------------------------------------------------------------------------
+def test_cpu_ops_are_the_unfused_composition():
+    from engine.linear import Linear
+
+    g = torch.Generator().manual_seed(0)
+    x, res, pli = torch.randn(2, 3, 32, generator=g), torch.randn(2, 3, 48, generator=g), \
+        torch.randn(2, 3, 24, generator=g)
+    lin, gate_up, gate = Linear(torch.randn(48, 32, generator=g)), Linear(torch.randn(64, 32, generator=g)), \
+        Linear(torch.randn(24, 32, generator=g))
+    w1, w2, scalar = torch.randn(48, generator=g), torch.randn(48, generator=g), torch.tensor([0.5])
+    assert not fused_tail.fusable(x, lin.weight)  # CPU tensors never fuse
+    for got, want in ((fused_tail.proj_sandwich(lin, x, res, w1, w2, scalar, EPS, True),
+                       ops.sandwich(lin(x), res, w1, w2, scalar, EPS, True)),
+                      (fused_tail.proj_add_norm(lin, x, res, w1, EPS, False),
+                       ops.add_norm(lin(x), res, w1, EPS, False)),
+                      (fused_tail.proj_geglu(gate_up, x), ops.gelu_mul(gate_up(x))),
+                      (fused_tail.proj_gelu_gate(gate, x, pli), ops.gelu_gate(gate(x), pli))):
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert torch.equal(a, b)
+
+
+def test_switch_gates_fusion(monkeypatch):
+    monkeypatch.setattr(linear_mod, "routes_to_gemv", lambda x, w: True)  # as a CUDA decode-width call
+    monkeypatch.setattr("kernels._common.use_triton", lambda t: True)
+    x = torch.zeros(1, 8)
+    assert fused_tail.fusable(x, x)
+    monkeypatch.setattr(fused_tail, "FUSED_EPILOGUES", False)
+    assert not fused_tail.fusable(x, x)
+
+
+# ---- whole decode steps routed as on CUDA --------------------------------------------------------
+def _gemv_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if x.numel() <= linear_mod.MAX_GEMV_ROWS * x.shape[-1]:
+        return gv.linear_small_m_triton(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
+    return torch.nn.functional.linear(x, w)
+
+
+def _attend_cache_triton(q, cache, positions, window, scale, softcap):
+    return da.decode_attention_triton(q, cache.k, cache.v, cache.slot_pos, positions, window or 0, scale, softcap)
+
+
+def _split_everywhere(orig):
+    """gemv_config with BLOCK_K 16 and up to 4 splits whatever the shape (tiny K never splits otherwise)."""
+    def config(M, N, K, elem_bytes, sms):
+        cfg = orig(M, N, K, elem_bytes, sms)
+        split = max(1, min(4, K // 32))
+        kps = cdiv(cdiv(K, split), 16) * 16
+        cfg.update(BLOCK_K=16, SPLIT_K=cdiv(K, kps), k_per_split=kps)
+        return cfg
+
+    return config
+
+
+def _route_as_cuda(monkeypatch, fused: bool, calls: dict[str, int]) -> None:
+    for name in NORM_OPS:
+        monkeypatch.setattr(ops, name, getattr(ops, name).row_invariant)
+    monkeypatch.setattr(linear_mod, "matmul", _gemv_matmul)
+    monkeypatch.setattr(model_mod, "matmul", _gemv_matmul)
+    monkeypatch.setattr(model_mod, "attend_cache", _attend_cache_triton)
+    monkeypatch.setattr(fused_tail, "FUSED_EPILOGUES", fused)
+    monkeypatch.setattr(fused_tail, "fusable",
+                        lambda x, w: fused_tail.FUSED_EPILOGUES and x.numel() <= 16 * x.shape[-1])
+    for mod, name in FUSED_KERNELS:
+        def counted(*a, _fn=getattr(mod, name), _name=name, **kw):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*a, **kw)
+
+        monkeypatch.setattr(mod, name, counted)
+
+
+def _steps(alias: str, monkeypatch, split_everywhere: bool):
+    """(CPU reference decode, unfused kernel decode, fused kernel decode, fused verify row 0), fp32."""
+    from engine.cache import KVCache
+    from engine.loader import load_model
+
+    lm = load_model(alias, device="cpu", dtype=torch.float32, random_weights=True)
+    model, arch = lm.model, lm.arch
+    window = arch.sliding_window
+    prompt = torch.randint(3, arch.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    drafts = torch.randint(3, arch.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+    n = prompt.shape[1]
+
+    def step(T: int, cache: KVCache) -> torch.Tensor:
+        return model.forward_step(drafts[:, :T], (n + torch.arange(T))[None], cache, window)
+
+    def fresh_cache() -> KVCache:
+        cache = KVCache(arch, 1, 64, window, "cpu", torch.float32)
+        model.forward_fresh(prompt, torch.arange(n)[None], window, cache=cache, rows=torch.tensor([0]))
+        return cache
+
+    with torch.no_grad():
+        want = step(1, fresh_cache())
+        if split_everywhere:
+            monkeypatch.setattr(gv, "gemv_config", _split_everywhere(gv.gemv_config))
+        calls: dict[str, int] = {}
+        _route_as_cuda(monkeypatch, False, calls)
+        unfused = step(1, fresh_cache())
+        assert not calls
+        monkeypatch.setattr(fused_tail, "FUSED_EPILOGUES", True)
+        cache = fresh_cache()
+        wide = step(9, cache)[:, :1].clone()
+        one = step(1, cache)
+    return model, arch, want, unfused, one, wide, calls
+
+
+@pytest.mark.parametrize("alias,split_everywhere", [("tiny-gemma4", False), ("tiny-gemma4", True),
+                                                    ("tiny-gemma3", True)],
+                         ids=["gemma4-heuristic", "gemma4-split-everywhere", "gemma3-split-everywhere"])
+def test_fused_decode_step_matches_unfused_and_reference(alias, split_everywhere, monkeypatch):
+    model, arch, want, unfused, one, wide, calls = _steps(alias, monkeypatch, split_everywhere)
+    L, ple = arch.num_layers, arch.ple_dim > 0
+    # per layer: o_proj, gate_up, then down (+ PLE gate and PLE projection); decode and verify steps
+    expected = {"linear_sandwich_triton": 4 * L, "linear_geglu_triton": 2 * L}  # o_proj + (down or PLE proj)
+    if ple:
+        expected.update(linear_add_norm_triton=2 * L, linear_gelu_gate_triton=2 * L)
+    assert calls == expected
+    scale = max(1.0, want.abs().max().item())
+    assert (one - unfused).abs().max().item() <= 1e-5 * scale
+    assert (one - want).abs().max().item() <= 1e-5 * scale
+    assert torch.equal(one, wide)  # row invariance holds with the fusions on
+    assert torch.equal(model.greedy(one), model.greedy(want))
