@@ -28,8 +28,6 @@ import torch.nn.functional as F
 from ._common import HAS_TRITON, cdiv, tl, tl_dtype, triton
 from .gemv import kernel_flags, linear_small_m_ref, resolve_config
 
-GEGLU = 1
-GATE_MUL = 2
 REDUCE_BLOCK = 1024
 
 
@@ -63,11 +61,12 @@ if HAS_TRITON:
         return g / (1.0 + tl.exp(-2.0 * u))
 
     @triton.jit
-    def _gated(a, o, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _gated(a, o, GEGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The epilogue on fp32 values already rounded to the projection's dtype. GEGLU: `a`
         [BLOCK_M, BLOCK_N] holds (gate, up) column pairs side by side -> [BLOCK_M, BLOCK_N // 2];
-        GATE_MUL: gelu(a) * o, o in fp32."""
-        if ACT == GEGLU:
+        else (gate-mul): gelu(a) * o, o in fp32. (Kernel flags are constexpr parameters: Triton
+        refuses plain module globals inside compiled code, the interpreter does not.)"""
+        if GEGLU:
             gate, up = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_N // 2, 2]))
             return _gelu_tanh(gate) * up
         else:
@@ -76,16 +75,16 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_act_kernel(x_ptr, w_ptr, o_ptr, y_ptr, part_ptr, M, NY, K, sxm, sxk, swn, swk, som, son,
                          sym, syn, k_per_split,
-                         ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         GEGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
                          DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr):
         """NY output columns. GEGLU: program p owns columns p*BLOCK_N/2 .. +BLOCK_N/2; tile row 2i is
-        gate row c_i, row 2i+1 is up row NY + c_i. GATE_MUL: BLOCK_N columns, one weight row each.
+        gate row c_i, row 2i+1 is up row NY + c_i. Gate-mul: BLOCK_N columns, one weight row each.
         SPLIT_K > 1: fp32 partials into part [SPLIT_K, M, weight rows] (column = weight row)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         r = tl.arange(0, BLOCK_N)
-        if ACT == GEGLU:
+        if GEGLU:
             col = pid_n * (BLOCK_N // 2) + r // 2
             w_row = col + (r % 2) * NY
         else:
@@ -105,25 +104,25 @@ if HAS_TRITON:
             rows = tl.zeros([1, 1], tl.int32)
         m_ok = rows < M
         if SPLIT_K > 1:
-            NP = 2 * NY if ACT == GEGLU else NY
+            NP = 2 * NY if GEGLU else NY
             tl.store(part_ptr + (pid_k * M + rows).to(tl.int64) * NP + w_row[None, :], acc,
                      mask=m_ok & ok[None, :])
         else:
             a = acc.to(x_ptr.dtype.element_ty).to(tl.float32)  # the unfused GEMV's output rounding
-            if ACT == GEGLU:
+            if GEGLU:
                 cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
                 o = a  # unused
             else:
                 cols = col
                 o = tl.load(o_ptr + rows * som + cols[None, :] * son, mask=m_ok & (cols[None, :] < NY),
                             other=0.0).to(tl.float32)
-            out = _gated(a, o, ACT, BLOCK_M, BLOCK_N)
+            out = _gated(a, o, GEGLU, BLOCK_M, BLOCK_N)
             tl.store(y_ptr + rows * sym + cols[None, :] * syn, out.to(y_ptr.dtype.element_ty),
                      mask=m_ok & (cols[None, :] < NY))
 
     @triton.jit
     def _splitk_act_kernel(part_ptr, o_ptr, y_ptr, M, NY, som, son, sym, syn,
-                           ACT: tl.constexpr, X_DTYPE: tl.constexpr, SPLIT_K: tl.constexpr,
+                           GEGLU: tl.constexpr, X_DTYPE: tl.constexpr, SPLIT_K: tl.constexpr,
                            BLOCK: tl.constexpr):
         """Sum the partials in the fixed order of `kernels.gemv._splitk_reduce_kernel` (s = 0, 1, ...),
         round to the projection's dtype, apply the epilogue. Elementwise over M * NY outputs."""
@@ -131,12 +130,12 @@ if HAS_TRITON:
         ok = offs < M * NY
         m = offs // NY
         n = offs % NY
-        NP = 2 * NY if ACT == GEGLU else NY
+        NP = 2 * NY if GEGLU else NY
         g = tl.zeros([BLOCK], tl.float32)
         for s in tl.static_range(SPLIT_K):
             g += tl.load(part_ptr + (s * M + m).to(tl.int64) * NP + n, mask=ok, other=0.0)
         g = g.to(X_DTYPE).to(tl.float32)
-        if ACT == GEGLU:
+        if GEGLU:
             up = tl.zeros([BLOCK], tl.float32)
             for s in tl.static_range(SPLIT_K):
                 up += tl.load(part_ptr + (s * M + m).to(tl.int64) * NP + NY + n, mask=ok, other=0.0)
@@ -146,11 +145,11 @@ if HAS_TRITON:
         tl.store(y_ptr + m * sym + n * syn, out.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch(act: int, x: torch.Tensor, w: torch.Tensor, other: torch.Tensor | None, out_dtype: torch.dtype,
+def _launch(geglu: bool, x: torch.Tensor, w: torch.Tensor, other: torch.Tensor | None, out_dtype: torch.dtype,
             split_k: int | None, block_k: int | None, config: dict[str, int] | None) -> torch.Tensor:
     cfg = resolve_config(x, w, split_k, block_k, config)
     M, K = x.shape
-    NY = w.shape[0] // 2 if act == GEGLU else w.shape[0]
+    NY = w.shape[0] // 2 if geglu else w.shape[0]
     y = torch.empty(M, NY, dtype=out_dtype, device=x.device)
     if M == 0 or NY == 0:
         return y
@@ -159,16 +158,16 @@ def _launch(act: int, x: torch.Tensor, w: torch.Tensor, other: torch.Tensor | No
         return y.zero_()
     split = cfg["SPLIT_K"]
     part = torch.empty(split, M, w.shape[0], dtype=torch.float32, device=x.device) if split > 1 else y
-    cols_per_program = cfg["BLOCK_N"] // 2 if act == GEGLU else cfg["BLOCK_N"]
+    cols_per_program = cfg["BLOCK_N"] // 2 if geglu else cfg["BLOCK_N"]
     _gemv_act_kernel[(cdiv(NY, cols_per_program), split)](
         x, w, o, y, part, M, NY, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         o.stride(0), o.stride(1), y.stride(0), y.stride(1), cfg["k_per_split"],
-        ACT=act, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
+        GEGLU=geglu, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
         **kernel_flags(x, w, cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
         _splitk_act_kernel[(cdiv(M * NY, REDUCE_BLOCK),)](
             part, o, y, M, NY, o.stride(0), o.stride(1), y.stride(0), y.stride(1),
-            ACT=act, X_DTYPE=tl_dtype(x.dtype), SPLIT_K=split, BLOCK=REDUCE_BLOCK, num_warps=4)
+            GEGLU=geglu, X_DTYPE=tl_dtype(x.dtype), SPLIT_K=split, BLOCK=REDUCE_BLOCK, num_warps=4)
     return y
 
 
@@ -178,7 +177,7 @@ def linear_geglu_triton(x: torch.Tensor, w: torch.Tensor, split_k: int | None = 
     [gate; up] weight w [2I, K]. `split_k` / `block_k` / `config` as in `linear_small_m_triton`."""
     if w.dim() != 2 or w.shape[0] % 2:
         raise ValueError(f"need the fused [gate; up] weight [2I, K]; got {tuple(w.shape)}")
-    return _launch(GEGLU, x, w, None, x.dtype, split_k, block_k, config)
+    return _launch(True, x, w, None, x.dtype, split_k, block_k, config)
 
 
 def linear_gelu_gate_triton(x: torch.Tensor, w: torch.Tensor, other: torch.Tensor, split_k: int | None = None,
@@ -187,4 +186,4 @@ def linear_gelu_gate_triton(x: torch.Tensor, w: torch.Tensor, other: torch.Tenso
     other [M, N] (any strides)."""
     if other.shape != (x.shape[0], w.shape[0]):
         raise ValueError(f"other must be [M, N] = {(x.shape[0], w.shape[0])}; got {tuple(other.shape)}")
-    return _launch(GATE_MUL, x, w, other, torch.promote_types(x.dtype, other.dtype), split_k, block_k, config)
+    return _launch(False, x, w, other, torch.promote_types(x.dtype, other.dtype), split_k, block_k, config)
