@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import ops
 from .cache import KVCache
 from .errors import UserError
 from .knobs import MAX_DRAFT_TOKENS, Knobs
@@ -94,7 +95,8 @@ class Generator:
     # ---- steps -------------------------------------------------------------------------
     def _step_eager(self, tokens: torch.Tensor, positions: torch.Tensor,
                     cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.forward_step(tokens, positions, cache or self.cache, self.window)
+        with ops.step_scope():
+            hidden = self.model.forward_step(tokens, positions, cache or self.cache, self.window)
         return hidden, self.model.greedy(hidden)
 
     @torch.inference_mode()
@@ -111,6 +113,23 @@ class Generator:
             self._graphs[(rows, width)] = StepGraph(lambda t, p: self._step_eager(t, p, cache), rows, width,
                                                     self.device)
         return self._graphs[(rows, width)](tokens, positions)
+
+    @torch.inference_mode()
+    def capture_steps(self, widths: Sequence[int]) -> int:
+        """Compile and capture the step graph of every (busy rows, width) now, rows 1..batch, so that no
+        request pays for it later (a server does this before it reports healthy; the first request of a
+        new shape would otherwise stall for seconds). Idle rows (position -1) write only the trash slot,
+        so the caches are untouched. Returns how many graphs were captured."""
+        if not self.use_graphs:
+            return 0
+        captured = 0
+        for rows in range(1, self.cache.batch + 1):
+            for width in widths:
+                if (rows, width) not in self._graphs:
+                    tokens = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+                    self.step(tokens, torch.full_like(tokens, -1))
+                    captured += 1
+        return captured
 
     @torch.inference_mode()
     def prefill(self, prompt: Sequence[int], row: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The decoder's elementwise pieces as pure functions of tensors, so each can be fused into one kernel.
 
-On CUDA every function here runs through `torch.compile` (one fused Triton kernel per call site and
+On CUDA, inside a decode / verify step (`step_scope`), every function here runs through `torch.compile` (one fused Triton kernel per call site and
 shape: a norm, a residual add and the next norm in one pass over the hidden state instead of ~10
 kernels); on CPU, and in tests, the same Python function runs eagerly and is the reference.
 
@@ -13,8 +13,10 @@ count per call site); purely elementwise ops stay torch.compile'd (elementwise c
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +36,33 @@ def reset_compiled() -> None:
         holder.clear()
 
 
+_SCOPE = threading.local()
+
+
+@contextlib.contextmanager
+def step_scope() -> Iterator[None]:
+    """Marks a decode / verify / draft step: only inside it do the `_fused` ops run torch.compile'd.
+
+    Compiled kernels are static-shape (COMPILE_DYNAMIC), which suits the step: its shapes are bounded
+    (cache rows x verify width) and it is captured in a CUDA graph, where fewer kernels matter. Prefill
+    and PPL scoring meet a new shape with every prompt length; compiled there, each new length would
+    stall the request on a recompile of every op (seconds), and past dynamo's cache limit fall back to
+    eager anyway. Outside the scope the same function runs eagerly: a few extra elementwise kernels,
+    noise next to a prefill's matmuls."""
+    prev = getattr(_SCOPE, "in_step", False)
+    _SCOPE.in_step = True
+    try:
+        yield
+    finally:
+        _SCOPE.in_step = prev
+
+
 def _fused(fn: Callable) -> Callable:
     compiled: list[Callable] = []
     _COMPILED.append(compiled)
 
     def run(*args, **kwargs):
-        if _COMPILE and args[0].is_cuda:
+        if _COMPILE and args[0].is_cuda and getattr(_SCOPE, "in_step", False):
             if not compiled:
                 import torch._dynamo
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from . import ops
 from .ngram import NgramIndex, propose_padded
 from .sampling import SamplingParams, filtered_probs, sample
 
@@ -57,10 +58,11 @@ class MtpDrafter:
         pass
 
     def propose(self, gen: "Generator", state: "WaveState") -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        if gen.use_graphs and state.params.greedy:
-            return self._graphed(gen, state), None, True
-        drafts, q = self.assistant.draft(gen, state.last, state.hidden, state.pos, self.k, self.top_k, state.params,
-                                         state.rng)
+        with ops.step_scope():  # fixed shapes (all cache rows): compiled ops are safe and fewer kernels
+            if gen.use_graphs and state.params.greedy:
+                return self._graphed(gen, state), None, True
+            drafts, q = self.assistant.draft(gen, state.last, state.hidden, state.pos, self.k, self.top_k,
+                                             state.params, state.rng)
         return drafts, q, True
 
     def _graphed(self, gen: "Generator", state: "WaveState") -> torch.Tensor:
