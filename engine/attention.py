@@ -52,9 +52,10 @@ def attend_cache(q: torch.Tensor, cache, positions: torch.Tensor, window: int | 
 
         return decode_attention(q, cache.k, cache.v, cache.slot_pos, positions, window or 0, scale, softcap)
     k, v, slot_pos = cache.k, cache.v, cache.slot_pos
-    if not cache.ring:
+    if not cache.ring and not q.is_cuda:
         # A linear cache holds position p in slot p, so slots past the newest query are never visible:
-        # attend over the live prefix only (no CUDA graph here, so a data-dependent length is fine).
+        # attend over the live prefix only. CPU only: a data-dependent length needs a host read, which a
+        # CUDA graph capture (the SDPA A/B path on GPU) cannot do.
         live = min(k.shape[2], int(positions.max()) + 1)
         k, v, slot_pos = k[:, :, :live], v[:, :, :live], slot_pos[:, :live]  # views: SDPA takes strides
     mask = visibility(positions, slot_pos, window)
