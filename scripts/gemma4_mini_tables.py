@@ -29,6 +29,8 @@ from engine.worker import EngineWorker  # noqa: E402
 HELDOUT = BUNDLED_DIR / "gemma4_mini_heldout_python_docs.txt"
 WIKITEXT = BUNDLED_DIR / "wikitext2_test_slice.txt"
 TINYSTORIES = Path(__file__).resolve().parents[2] / "shared/data/tinystories-valid/tinystories_val.txt"
+RECORD = 1024  # tokens per PPL record: longer than every window, within the 2048-token training length
+TRAINED_WINDOW = 512
 
 
 def unigram_ppl(records) -> float:
@@ -80,7 +82,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--heldout", type=Path, default=HELDOUT, help="held-out Debian-docs text")
-    ap.add_argument("--ppl-windows", type=int, default=16, help="512-token windows scored per text (0 = all)")
+    ap.add_argument("--ppl-windows", type=int, default=16, help="1024-token windows scored per text (0 = all)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=48)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -95,7 +97,7 @@ def main() -> int:
     cap = a.ppl_windows or None
 
     # ---- PPL: held-out vs unigram and transformers; other texts --------------------------------------
-    held = text_to_records(tok.encode(a.heldout.read_text(encoding="utf-8"), add_bos=False), tok.bos_id, 512, cap)
+    held = text_to_records(tok.encode(a.heldout.read_text(encoding="utf-8"), add_bos=False), tok.bos_id, RECORD, cap)
     eng = w.measure_ppl(held)["ppl"]
     uni = unigram_ppl(held)
     ppl = {"heldout_text": str(a.heldout.name), "heldout_tokens": sum(len(r.target) for r in held),
@@ -107,22 +109,22 @@ def main() -> int:
     for name, path in (("wikitext2_slice", WIKITEXT), ("tinystories_slice", TINYSTORIES)):
         if path.is_file():
             recs = text_to_records(tok.encode(path.read_text(encoding="utf-8")[:200_000], add_bos=False),
-                                   tok.bos_id, 512, cap)
+                                   tok.bos_id, RECORD, cap)
             ppl[name] = w.measure_ppl(recs)["ppl"]
     out["ppl"] = ppl
     print("| text | tokens | engine PPL | unigram PPL | transformers fp32 |\n|---|---:|---:|---:|---:|")
     print(f"| held-out Debian docs | {ppl['heldout_tokens']} | {eng:.4f} | {uni:.2f} | "
           f"{ppl.get('transformers_fp32', float('nan')):.4f} |")
 
-    # ---- PPL by sliding window (records of 512 tokens > every window) ---------------------------------
+    # ---- PPL by sliding window (records of 1024 tokens > every window) --------------------------------
     rows = []
-    for win in (128, 64, 32, 16, 8):
+    for win in (TRAINED_WINDOW, 256, 128, 64, 32, 16, 8):
         w.set_knobs(Knobs(sliding_window=win))
         rows.append({"sliding_window": win, "ppl": w.measure_ppl(held)["ppl"]})
     out["window_table"] = rows
     print("\n| sliding_window | held-out PPL |\n|---:|---:|")
     for r in rows:
-        print(f"| {r['sliding_window']}{' (trained, full)' if r['sliding_window'] == 128 else ''} | {r['ppl']:.4f} |")
+        print(f"| {r['sliding_window']}{' (trained, full)' if r['sliding_window'] == TRAINED_WINDOW else ''} | {r['ppl']:.4f} |")
 
     # ---- MTP acceptance and single-stream TPS ---------------------------------------------------------
     prompts = prompts_from(tok, a.heldout.read_text(encoding="utf-8"), a.prompts, a.prompt_len)
