@@ -71,3 +71,35 @@ def interpreter_guards(run_here: bool, path: str):
         rerun_in_fresh_process(path)
 
     return _needs_interpreter, test_interpreter_in_fresh_process
+
+
+# The ops of engine.ops that reduce over a row and so have a row-invariant Triton path.
+ROW_INVARIANT_OPS = ("norm", "add_norm", "sandwich", "norm_rope", "write_kv", "scale_free_norm", "ple_combine")
+
+
+def route_decode_as_cuda(monkeypatch) -> None:
+    """Route a CPU decode/verify step through the kernels CUDA runs in row-invariant mode (here under the
+    interpreter): the Triton norms, the Triton GEMV for <= MAX_GEMV_ROWS rows (policy "all") and the
+    Triton decode attention. Import only after `enter_interpreter()`."""
+    import torch
+
+    import engine.linear as linear_mod
+    import engine.model as model_mod
+    import engine.ops as ops
+    import kernels.decode_attention as da
+    import kernels.gemv as gv
+
+    def gemv_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= linear_mod.MAX_GEMV_ROWS * x.shape[-1]:
+            return gv.linear_small_m_triton(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
+        return torch.nn.functional.linear(x, w)
+
+    def attend_cache_triton(q, cache, positions, window, scale, softcap):
+        return da.decode_attention_triton(q, cache.k, cache.v, cache.slot_pos, positions, window or 0, scale,
+                                          softcap)
+
+    for name in ROW_INVARIANT_OPS:
+        monkeypatch.setattr(ops, name, getattr(ops, name).row_invariant)
+    monkeypatch.setattr(linear_mod, "matmul", gemv_matmul)
+    monkeypatch.setattr(model_mod, "matmul", gemv_matmul)
+    monkeypatch.setattr(model_mod, "attend_cache", attend_cache_triton)

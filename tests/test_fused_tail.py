@@ -19,9 +19,7 @@ import torch  # noqa: E402
 
 import engine.fused_tail as fused_tail  # noqa: E402
 import engine.linear as linear_mod  # noqa: E402
-import engine.model as model_mod  # noqa: E402
 import engine.ops as ops  # noqa: E402
-import kernels.decode_attention as da  # noqa: E402
 import kernels.gemv as gv  # noqa: E402
 import kernels.gemv_epilogue as ge  # noqa: E402
 import kernels.invariance as invariance  # noqa: E402
@@ -31,7 +29,6 @@ from kernels._common import cdiv  # noqa: E402
 _needs_interpreter, test_interpreter_in_fresh_process = _testutil.interpreter_guards(RUN_HERE, __file__)
 
 EPS = 1e-6
-NORM_OPS = ("norm", "add_norm", "sandwich", "norm_rope", "write_kv", "scale_free_norm", "ple_combine")
 FUSED_KERNELS = ((sn, "linear_sandwich_triton"), (sn, "linear_add_norm_triton"), (ge, "linear_geglu_triton"),
                  (ge, "linear_gelu_gate_triton"))
 
@@ -74,16 +71,6 @@ def test_switch_gates_fusion(monkeypatch):
 
 
 # ---- whole decode steps routed as on CUDA --------------------------------------------------------
-def _gemv_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    if x.numel() <= linear_mod.MAX_GEMV_ROWS * x.shape[-1]:
-        return gv.linear_small_m_triton(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
-    return torch.nn.functional.linear(x, w)
-
-
-def _attend_cache_triton(q, cache, positions, window, scale, softcap):
-    return da.decode_attention_triton(q, cache.k, cache.v, cache.slot_pos, positions, window or 0, scale, softcap)
-
-
 def _split_everywhere(orig):
     """gemv_config with BLOCK_K 16 and up to 4 splits whatever the shape (tiny K never splits otherwise)."""
     def config(M, N, K, elem_bytes, sms):
@@ -97,11 +84,7 @@ def _split_everywhere(orig):
 
 
 def _route_as_cuda(monkeypatch, fused: bool, calls: dict[str, int]) -> None:
-    for name in NORM_OPS:
-        monkeypatch.setattr(ops, name, getattr(ops, name).row_invariant)
-    monkeypatch.setattr(linear_mod, "matmul", _gemv_matmul)
-    monkeypatch.setattr(model_mod, "matmul", _gemv_matmul)
-    monkeypatch.setattr(model_mod, "attend_cache", _attend_cache_triton)
+    _testutil.route_decode_as_cuda(monkeypatch)
     monkeypatch.setattr(fused_tail, "FUSED_EPILOGUES", fused)
     monkeypatch.setattr(fused_tail, "fusable",
                         lambda x, w: fused_tail.FUSED_EPILOGUES and x.numel() <= 16 * x.shape[-1])

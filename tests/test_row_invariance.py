@@ -18,8 +18,6 @@ RUN_HERE = _testutil.enter_interpreter()  # sets TRITON_INTERPRET=1 before trito
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import engine.linear as linear_mod  # noqa: E402
-import engine.model as model_mod  # noqa: E402
 import engine.ops as ops  # noqa: E402
 import kernels.decode_attention as da  # noqa: E402
 import kernels.gemv as gv  # noqa: E402
@@ -154,7 +152,7 @@ def test_head_norms_and_kv_write_bitwise(dtype):
 
 
 # ---- engine.ops: every norm op's row-invariant path ------------------------------------------
-NORM_OPS = ("norm", "add_norm", "sandwich", "norm_rope", "write_kv", "scale_free_norm", "ple_combine")
+NORM_OPS = _testutil.ROW_INVARIANT_OPS
 
 
 def test_every_norm_op_has_a_row_invariant_path_and_cpu_stays_reference():
@@ -225,18 +223,6 @@ def test_ops_row_invariant_paths_bitwise_and_close(plus_one):
 
 
 # ---- a whole decode step of a tiny Gemma 4 ------------------------------------------------------
-def _gemv_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """engine.linear.matmul as on CUDA (policy "all"): <= 16 rows through the Triton GEMV."""
-    if x.numel() <= linear_mod.MAX_GEMV_ROWS * x.shape[-1]:
-        return gv.linear_small_m_triton(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
-    return torch.nn.functional.linear(x, w)
-
-
-def _attend_cache_triton(q, cache, positions, window, scale, softcap):
-    """engine.attention.attend_cache as on CUDA: the Triton decode-attention kernel."""
-    return da.decode_attention_triton(q, cache.k, cache.v, cache.slot_pos, positions, window or 0, scale, softcap)
-
-
 def _per_position(op):
     """An elementwise op applied one stream position at a time. On CPU, ATen's vectorised gelu/tanh
     and its scalar tail loop round differently, so the same element can come out 1 ulp apart
@@ -278,11 +264,7 @@ def test_tiny_gemma4_decode_step_first_position_bitwise(monkeypatch):
         want = step(1, fresh_cache())  # the CPU reference path
 
     # route everything the way CUDA does in row-invariant mode
-    for name in NORM_OPS:
-        monkeypatch.setattr(ops, name, getattr(ops, name).row_invariant)
-    monkeypatch.setattr(linear_mod, "matmul", _gemv_matmul)
-    monkeypatch.setattr(model_mod, "matmul", _gemv_matmul)
-    monkeypatch.setattr(model_mod, "attend_cache", _attend_cache_triton)
+    _testutil.route_decode_as_cuda(monkeypatch)
     for name in ("gelu_mul", "gelu_gate"):
         monkeypatch.setattr(ops, name, _per_position(getattr(ops, name)))
     with torch.no_grad():
