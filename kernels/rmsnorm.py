@@ -72,6 +72,11 @@ if HAS_TRITON:
         return w[None, :]
 
     @triton.jit
+    def _rms_inv(x, N, eps):
+        """1 / rms of each row of the fp32 tile x [rows, BLOCK_N] (the whole row: BLOCK_N >= N, padding 0)."""
+        return tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+
+    @triton.jit
     def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, R, N, sxr, syr, eps,
                         HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr, SINGLE: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -84,7 +89,7 @@ if HAS_TRITON:
             c_ok = cols < N
             m = r_ok & c_ok[None, :]
             x = tl.load(xrow + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            inv = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+            inv = _rms_inv(x, N, eps)
             y = x * inv[:, None] * _scale(w_ptr, cols, c_ok, HAS_W, PLUS_ONE)
             tl.store(yrow + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
         else:
@@ -138,14 +143,14 @@ if HAS_TRITON:
             c_ok = cols < N
             m = r_ok & c_ok[None, :]
             x = tl.load(x_ptr + rows64 * sxr + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            inv = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+            inv = _rms_inv(x, N, eps)
             h = _h_tile(x_ptr + rows64 * sxr + cols[None, :], r_ptr + rows64 * srr + cols[None, :], m,
                         inv, _scale(wpost_ptr, cols, c_ok, HAS_WPOST, PLUS_ONE), s_ptr, X_DTYPE, H_DTYPE,
                         HAS_SCALAR)
             tl.store(h_ptr + rows64 * shr + cols[None, :], h, mask=m)
             if WRITE_Y:
                 hf = h.to(tl.float32)
-                inv2 = tl.rsqrt(tl.sum(hf * hf, axis=1) / N + eps)
+                inv2 = _rms_inv(hf, N, eps)
                 y = hf * inv2[:, None] * _scale(wpre_ptr, cols, c_ok, HAS_WPRE, PLUS_ONE)
                 tl.store(y_ptr + rows64 * syr + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
         else:

@@ -53,7 +53,7 @@ def linear_add_norm_ref(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor
 # Triton kernel
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
-    from .rmsnorm import _h_values, _scale
+    from .rmsnorm import _h_values, _rms_inv, _scale
 
     @triton.jit
     def _splitk_sandwich_kernel(part_ptr, r_ptr, wpost_ptr, wpre_ptr, s_ptr, h_ptr, y_ptr, M, N,
@@ -72,14 +72,14 @@ if HAS_TRITON:
         for s in tl.static_range(SPLIT_K):  # the split-K reduction, in the reduce kernel's order
             x += tl.load(part_ptr + (s * M + row64) * N + cols[None, :], mask=m, other=0.0)
         x = x.to(X_DTYPE).to(tl.float32)  # the GEMV output's rounding
-        inv = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+        inv = _rms_inv(x, N, eps)
         r = tl.load(r_ptr + row64 * srr + cols[None, :], mask=m, other=0.0).to(tl.float32)
         h = _h_values(x, r, inv, _scale(wpost_ptr, cols, c_ok, HAS_WPOST, PLUS_ONE), s_ptr, X_DTYPE,
                       h_ptr.dtype.element_ty, HAS_SCALAR)
         tl.store(h_ptr + row64 * shr + cols[None, :], h, mask=m)
         if WRITE_Y:
             hf = h.to(tl.float32)
-            inv2 = tl.rsqrt(tl.sum(hf * hf, axis=1) / N + eps)
+            inv2 = _rms_inv(hf, N, eps)
             y = hf * inv2[:, None] * _scale(wpre_ptr, cols, c_ok, HAS_WPRE, PLUS_ONE)
             tl.store(y_ptr + row64 * syr + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
 
