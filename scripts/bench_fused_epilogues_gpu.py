@@ -27,6 +27,7 @@ import kernels.invariance as invariance  # noqa: E402
 from engine.generate import Generator  # noqa: E402
 from engine.knobs import Knobs  # noqa: E402
 from engine.loader import load_model  # noqa: E402
+from check_verify_invariance_gpu import graphed_step_ms  # noqa: E402  (this script's folder is on sys.path)
 
 WIDTH = 9  # K + 1 with K = 8 draft tokens
 PROMPT = list(range(3, 259))
@@ -45,20 +46,6 @@ def make_generator(lm, fused: bool, positions: torch.Tensor) -> Generator:
     gen.step(toks[:, :1], positions[:, :1])  # captures the decode graph
     torch.cuda.synchronize()
     return gen
-
-
-def graph_ms(gen: Generator, tokens: torch.Tensor, positions: torch.Tensor, iters: int) -> float:
-    """Mean ms of `iters` replays of the captured step, after a warm-up."""
-    for _ in range(3):
-        gen.step(tokens, positions)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        gen.step(tokens, positions)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def kernels_per_step(gen: Generator, fused: bool, tokens: torch.Tensor, positions: torch.Tensor,
@@ -145,8 +132,8 @@ def main() -> int:
     times: dict[str, dict[str, list[float]]] = {m: {"decode": [], "verify": []} for m in MODES}
     for _ in range(args.rounds):
         for m in MODES:
-            times[m]["decode"].append(graph_ms(gens[m], tokens[:, :1], positions[:, :1], args.iters))
-            times[m]["verify"].append(graph_ms(gens[m], tokens, positions, args.iters))
+            times[m]["decode"].append(graphed_step_ms(gens[m], tokens[:, :1], positions[:, :1], args.iters))
+            times[m]["verify"].append(graphed_step_ms(gens[m], tokens, positions, args.iters))
     res["step_ms_median"] = {m: {k: statistics.median(v) for k, v in t.items()} for m, t in times.items()}
     res["step_ms_all"] = times
     print("step ms (median):", json.dumps(res["step_ms_median"]), flush=True)

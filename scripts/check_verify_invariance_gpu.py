@@ -25,8 +25,9 @@ from engine.loader import load_model  # noqa: E402
 WIDTH = 9  # K + 1 with K = 8 draft tokens
 
 
-def _step_ms(gen: Generator, tokens: torch.Tensor, positions: torch.Tensor, iters: int = 50) -> float:
-    """Mean milliseconds of `iters` replays of an already captured step, after a warm-up."""
+def graphed_step_ms(gen: Generator, tokens: torch.Tensor, positions: torch.Tensor, iters: int = 50) -> float:
+    """Mean milliseconds of `iters` replays of an already captured step, after a warm-up (also used by
+    bench_fused_epilogues_gpu.py)."""
     for _ in range(5):
         gen.step(tokens, positions)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -57,8 +58,8 @@ def run(lm, positions: int = 12) -> dict:
         bitwise += int(torch.equal(h1[:, 0], h9))
     p = len(prompt) + positions
     toks = torch.randint(3, 1000, (1, WIDTH), device=dev, generator=g)
-    decode_ms = _step_ms(gen, toks[:, :1], torch.tensor([[p]], device=dev))
-    verify_ms = _step_ms(gen, toks, (torch.arange(WIDTH, device=dev) + p)[None])
+    decode_ms = graphed_step_ms(gen, toks[:, :1], torch.tensor([[p]], device=dev))
+    verify_ms = graphed_step_ms(gen, toks, (torch.arange(WIDTH, device=dev) + p)[None])
     return {"max_abs_hidden_diff": worst, "same_greedy": same_tok, "bitwise_equal": bitwise,
             "positions": positions, "decode_step_ms": round(decode_ms, 4), "verify_step_ms": round(verify_ms, 4)}
 
