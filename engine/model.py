@@ -180,28 +180,25 @@ class GemmaDecoder(nn.Module):
 
     def _attend_chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                         window: int | None, chunk: int = 1024) -> torch.Tensor:
-        """Attention among fresh tokens (key index = position), in query chunks.
-
-        Full layers: chunks of 1024 queries bound the [T, S] score memory (a 4K prompt on a 24 GB card).
-        Sliding layers: each query chunk attends only to the keys its window can reach, so prefill costs
+        """Attention among fresh tokens (key index = position), in query chunks that attend only to the
+        keys they can see: none past the chunk's last query (causal), and in sliding layers none before
+        its first query's window. Chunks of 1024 queries bound the [T, S] score memory (a 4K prompt on a
+        24 GB card); sliding layers use chunks of about the window, so their prefill costs
         O(T * (window + chunk)) instead of O(T^2): this is what makes a smaller `sliding_window` faster on
-        long prompts. Keys outside the slice are exactly the masked-out ones, so results do not change
-        beyond float summation order."""
+        long prompts. Keys outside a slice are exactly masked-out ones, so results do not change beyond
+        float summation order."""
         a = self.arch
         T = q.shape[2]
         if window is not None and window < T:
             chunk = min(chunk, max(64, window))
-            if T > chunk:
-                out = []
-                for i in range(0, T, chunk):
-                    lo, hi = max(0, i - window + 1), min(T, i + chunk)
-                    out.append(attend(q[:, :, i:hi], k[:, :, lo:hi], v[:, :, lo:hi], mask[:, :, i:hi, lo:hi],
-                                      a.attn_scale, a.attn_softcap))
-                return torch.cat(out, dim=2)
         if T <= chunk:
             return attend(q, k, v, mask, a.attn_scale, a.attn_softcap)
-        return torch.cat([attend(q[:, :, i:i + chunk], k, v, mask[:, :, i:i + chunk], a.attn_scale, a.attn_softcap)
-                          for i in range(0, T, chunk)], dim=2)
+        out = []
+        for i in range(0, T, chunk):
+            lo, hi = (max(0, i - window + 1) if window is not None else 0), min(T, i + chunk)
+            out.append(attend(q[:, :, i:hi], k[:, :, lo:hi], v[:, :, lo:hi], mask[:, :, i:hi, lo:hi],
+                              a.attn_scale, a.attn_softcap))
+        return torch.cat(out, dim=2)
 
     @staticmethod
     def _write_prefill(cache: KVCache, i: int, rows: torch.Tensor, positions: torch.Tensor,
