@@ -25,7 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from engine.commands import synthetic_prompts  # noqa: E402
-from engine.generate import Generator  # noqa: E402
 from engine.knobs import Knobs  # noqa: E402
 from engine.measure import PplRecord  # noqa: E402
 from engine.worker import EngineWorker  # noqa: E402
@@ -66,12 +65,11 @@ def main() -> int:
         times.append(time.perf_counter() - t0)
     ppl_peak = torch.cuda.max_memory_allocated(dev) if cuda else 0
 
-    # 2. batch 1 at 4K context
-    w._generator = None  # free the scoring generator's caches before measuring the 4K run
+    # 2. batch 1 at 4K context (scoring built no generator: the worker's, at its default knobs, is batch 1)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-    gen = Generator(w.loaded, Knobs(batch_size=1), max_context=a.context, use_cuda_graphs=cuda)
+    gen = w.generator()
     prompt = synthetic_prompts(1, a.context - 256, w.loaded.arch.vocab_size, 0)
     t0 = time.perf_counter()
     out = gen.generate(prompt, 256 - 16)  # 16 slots stay free for the engine's draft headroom

@@ -2,6 +2,7 @@
 used for speculative recipes gives the same greedy tokens as continuous batching."""
 from __future__ import annotations
 
+import random
 import threading
 
 import pytest
@@ -156,11 +157,10 @@ def _run_waves(scheduler: Scheduler, prompts: list[list[int]], n: int) -> list[l
 def test_incremental_text_equals_decoding_every_id(folder):
     """The per-token incremental decode streams exactly the text of decoding all output ids at once,
     through multi-byte characters split over byte tokens, leading spaces and EOS ids."""
-    from pathlib import Path
-
+    from engine.registry import BUNDLED_DIR
     from engine.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(Path(__file__).resolve().parents[1] / "engine" / "assets" / folder)
+    tok = load_tokenizer(BUNDLED_DIR / folder)
     eos = set(tok.eos_ids)
     text = "Grüße — naïve café: 東京 ✓ 🙂🙂 x\n\n  def f(a, b):\n\treturn a ≤ b  # ok"
     ids = tok.encode(text, add_bos=False)
@@ -168,7 +168,7 @@ def test_incremental_text_equals_decoding_every_id(folder):
     t = TextAssembler(tok, [], eos)
     streamed = "".join(t.add(i) for i in ids) + t.finish()
     assert streamed == tok.decode([i for i in ids if i not in eos])
-    rng = __import__("random").Random(0)  # arbitrary id soup: broken UTF-8 sequences included
+    rng = random.Random(0)  # arbitrary id soup: broken UTF-8 sequences included
     soup = [rng.randrange(tok.vocab_size) for _ in range(300)]
     t = TextAssembler(tok, [], eos)
     pieces = [t.add(i) for i in soup]
