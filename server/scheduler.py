@@ -104,6 +104,13 @@ class Scheduler:
         self.error: BaseException | None = None
 
     # ---- public ------------------------------------------------------------------------
+    def capture_steps(self) -> int:
+        """Every step graph this scheduler can replay (busy rows x {decode, verify} width), before the
+        first request, as vLLM captures at start-up: otherwise the first request that meets a new shape
+        stalls for a compile and capture. Call before `start()`. Returns how many were captured."""
+        widths = (1, self.spec.k + 1) if self.speculative else (1,)
+        return self.g.capture_steps(widths)
+
     def start(self) -> None:
         self._thread.start()
 

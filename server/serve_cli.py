@@ -36,11 +36,8 @@ def build_state(loaded: Any, served_name: str | None = None) -> Any:
     names = tuple(dict.fromkeys(n for n in (served_name, recipe.model.reference, recipe.model.name) if n))
     metrics = Metrics(names[0])
     scheduler = Scheduler(worker, metrics)
-    # every step graph (busy rows x {decode, verify} width) before the first request, as vLLM captures
-    # at start-up: otherwise the first request that meets a new shape stalls for a compile and capture
     t0 = time.perf_counter()
-    widths = (1, worker.knobs.draft_tokens + 1) if worker.knobs.draft_tokens else (1,)
-    captured = scheduler.g.capture_steps(widths)
+    captured = scheduler.capture_steps()
     if captured:
         log.info("captured %d decode/verify step graphs in %.1f s", captured, time.perf_counter() - t0)
     scheduler.start()
