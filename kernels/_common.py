@@ -25,6 +25,14 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
     HAS_TRITON = False
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Programmatic dependent launch (PDL, Hopper and newer). A decode step is ~700 short kernels, and each
+# used to start only after the previous one had drained. With PDL a kernel is launched while its
+# predecessor still runs; it does what needs no earlier result (a GEMV requests its first weight tile),
+# then waits (`pdl_wait`: the predecessor has completed and its writes are visible) before it reads or
+# writes any activation. VKAE_PDL=0 turns it off. Read at launch, so a benchmark can A/B it in one
+# process (CUDA graphs keep the launches they were captured with).
+PDL: bool = os.environ.get("VKAE_PDL", "1") != "0"
+_CAPABILITY: dict[int, tuple[int, int]] = {}
 FORCE_TRITON_ON_CPU: bool = INTERPRET and os.environ.get("VKAE_TRITON_INTERPRET_TESTS", "0") == "1"
 
 # H100 SXM has 132 SMs; used when no CUDA device is visible (interpreter) so that the
@@ -38,6 +46,18 @@ def use_triton(t: torch.Tensor) -> bool:
     if not HAS_TRITON:
         return False
     return t.is_cuda or FORCE_TRITON_ON_CPU
+
+
+def pdl_flags(t: torch.Tensor) -> dict[str, bool]:
+    """Launch kwargs of a PDL-aware kernel for operands on t's device: the kernel's `PDL` constexpr
+    and Triton's `launch_pdl` option, both on for CUDA devices of compute capability >= 9.0."""
+    on = PDL and HAS_TRITON and t.is_cuda and not INTERPRET
+    if on:
+        idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        if idx not in _CAPABILITY:
+            _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+        on = _CAPABILITY[idx] >= (9, 0)
+    return {"PDL": on, "launch_pdl": on}
 
 
 def num_sms(device: torch.device) -> int:
@@ -73,3 +93,15 @@ def dot_fp32_operands(dtype: torch.dtype) -> bool:
     """bf16 `tl.dot` is silently wrong under the interpreter (anchors-engines.md §5.2): there the
     kernels cast bf16 tiles to fp32 before the dot. On the GPU bf16 goes to the tensor cores."""
     return INTERPRET and dtype == torch.bfloat16
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
+        """Under PDL: wait until the previous kernel has completed (its writes visible), then let the next
+        kernel launch. A no-op without PDL. Every PDL-launched kernel calls this before touching
+        activations; only reads of weights (never written during a step) may come before it."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import invariance
-from ._common import HAS_TRITON, cdiv, dot_fp32_operands, next_pow2, num_sms, tl, triton, use_triton
+from ._common import HAS_TRITON, cdiv, dot_fp32_operands, next_pow2, num_sms, pdl_flags, tl, triton, use_triton
 
 LOG2E = 1.4426950408889634
 MIN_SPLIT_SLOTS = 128  # below this a split's fixed cost (stage-2 traffic, launch) outweighs the gain
@@ -73,6 +73,7 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from ._common import pdl_wait
 
     @triton.jit
     def _attn_stage1(q_ptr, k_ptr, v_ptr, slot_ptr, qpos_ptr, out_ptr, opart_ptr, lse_ptr,
@@ -81,7 +82,8 @@ if HAS_TRITON:
                      S, T, HQ, HKV, window, split_len, qk_scale, softcap,
                      G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr):
+                     HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr):
+        pdl_wait(PDL)
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -157,8 +159,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_stage2(opart_ptr, lse_ptr, out_ptr, NUM_SPLITS,
-                     D: tl.constexpr, BLOCK_S: tl.constexpr):
+                     D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
         # One program per (b, t, q head) row; the output is contiguous [B, T, Hq, D].
+        pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs_s = tl.arange(0, BLOCK_S)
         lse = tl.load(lse_ptr + row * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS,
@@ -176,10 +179,14 @@ if HAS_TRITON:
 
 
 def _blocks(D: int, rows: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps). Keeps the fp32 accumulator (BLOCK_M x D) and one K or V
-    tile (BLOCK_N x D) near 16K elements: D=512 -> 32/32, D=256 -> 64/64 (E4B)."""
+    """(BLOCK_M, BLOCK_N, num_warps). Keeps the fp32 accumulator (BLOCK_M x D) near 16K elements and
+    one K or V tile (BLOCK_N x D) at 32K: D=512 -> 32 x 64, D=256 -> 64 x 128 (E4B). Decode attention
+    at short contexts is latency-bound, so a split that is one wide tile (no loop-carried softmax
+    state, one load round trip) beats two narrow ones: E4B's sliding layer (ring of 521 slots,
+    batch 1) 9.8 -> 7.9 us and its full layer (4,096 slots) 17.0 -> 16.3 us per call on an H100
+    (`scripts/profile_e4b_gpu.py --attn`)."""
     block_m = min(max(16, next_pow2(rows)), max(16, 16384 // D))
-    block_n = max(16, min(64, 16384 // D))
+    block_n = max(16, min(128, 32768 // D))
     num_warps = 4 if block_m * D <= 8192 else 8
     return block_m, block_n, num_warps
 
@@ -248,12 +255,12 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         S, T, Hq, Hkv, int(window), split_len, float(qk_scale), float(softcap or 1.0),
         G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_SOFTCAP=softcap is not None, DOT_FP32=dot_fp32_operands(q.dtype),
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=2, **pdl_flags(q),
     )
     if num_splits > 1:
         _attn_stage2[(B * T * Hq,)](opart, lse, out, num_splits, D=D,
                                     BLOCK_S=max(2, next_pow2(num_splits)),
-                                    num_warps=4 if D >= 256 else 2)
+                                    num_warps=4 if D >= 256 else 2, **pdl_flags(q))
     return out
 
 

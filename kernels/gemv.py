@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import invariance
-from ._common import HAS_TRITON, INTERPRET, cdiv, next_pow2, num_sms, tl, triton, use_triton
+from ._common import HAS_TRITON, INTERPRET, cdiv, next_pow2, num_sms, pdl_flags, tl, triton, use_triton
 
 MAX_M = 16
 # Split K when fewer than SPLIT_BELOW_WAVES x (SM count) programs would run (module global so a
@@ -47,44 +47,62 @@ def linear_small_m_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from ._common import pdl_wait
+
+    @triton.jit
+    def _w_tile(w_rows, offs_k, k_end, swk, EVEN_K: tl.constexpr):
+        if EVEN_K:
+            w = tl.load(w_rows + offs_k[None, :] * swk)
+        else:
+            w = tl.load(w_rows + offs_k[None, :] * swk, mask=offs_k[None, :] < k_end, other=0.0)
+        return w
+
+    @triton.jit
+    def _acc_tile(acc, w, x_ptr, offs_m, m_ok, offs_k, k_end, sxm, sxk,
+                  USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+        if USE_DOT:
+            x = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :] * sxk,
+                        mask=m_ok[:, None] & (offs_k[None, :] < k_end), other=0.0)
+            if DOT_FP32:  # fp32 / mixed dtypes / bf16 under the interpreter: exact fp32 dot
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        else:
+            x = tl.load(x_ptr + offs_k * sxk, mask=offs_k < k_end, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        return acc
 
     @triton.jit
     def _gemv_acc(x_ptr, w_rows, M, k_start, k_end, sxm, sxk, swk,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr):
+                  USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
         """fp32 partial sums of x[:, k_start:k_end] @ w_rows[:, k_start:k_end].T: [BLOCK_M, BLOCK_N]
         with USE_DOT, else [BLOCK_N] (M == 1). `w_rows` [BLOCK_N, 1] pointers to the weight rows this
         program owns (shared by `_gemv_kernel` and the fused-epilogue kernels of `kernels.gemv_epilogue`,
-        so every variant streams the weights the same way)."""
+        so every variant streams the weights the same way). The first weight tile is requested before
+        `pdl_wait`: under PDL it streams while the previous kernel finishes; x is read only after.
+        Tiles are summed in K order either way (same arithmetic with PDL on or off)."""
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         if USE_DOT:
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         else:
             acc = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        w = _w_tile(w_rows, offs_k, k_end, swk, EVEN_K)
+        pdl_wait(PDL)
+        acc = _acc_tile(acc, w, x_ptr, offs_m, m_ok, offs_k, k_end, sxm, sxk, USE_DOT, DOT_FP32)
+        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                w = tl.load(w_rows + offs_k[None, :] * swk)
-            else:
-                w = tl.load(w_rows + offs_k[None, :] * swk, mask=offs_k[None, :] < k_end, other=0.0)
-            if USE_DOT:
-                x = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :] * sxk,
-                            mask=m_ok[:, None] & (offs_k[None, :] < k_end), other=0.0)
-                if DOT_FP32:  # fp32 / mixed dtypes / bf16 under the interpreter: exact fp32 dot
-                    acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-                else:
-                    acc += tl.dot(x, tl.trans(w))
-            else:
-                x = tl.load(x_ptr + offs_k * sxk, mask=offs_k < k_end, other=0.0).to(tl.float32)
-                acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            w = _w_tile(w_rows, offs_k, k_end, swk, EVEN_K)
+            acc = _acc_tile(acc, w, x_ptr, offs_m, m_ok, offs_k, k_end, sxm, sxk, USE_DOT, DOT_FP32)
         return acc
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, sxm, sxk, swn, swk, sym, syn, k_per_split,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-                     EVEN_K: tl.constexpr):
+                     EVEN_K: tl.constexpr, PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -97,7 +115,7 @@ if HAS_TRITON:
         # along K (vectorised 16-byte loads); their results are dropped at the store.
         w_rows = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * swn
         acc = _gemv_acc(x_ptr, w_rows, M, k_start, k_end, sxm, sxk, swk,
-                        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K)
+                        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K, PDL)
         if USE_DOT:
             out = acc
             rows = offs_m[:, None]
@@ -115,7 +133,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _splitk_reduce_kernel(part_ptr, y_ptr, M, N, sym, syn,
-                              SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                              SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_wait(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < M * N
         acc = tl.zeros([BLOCK], tl.float32)
@@ -189,7 +208,7 @@ def launch_gemv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, part: torch.T
         x, w, y, part, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         y.stride(0), y.stride(1), cfg["k_per_split"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
-        **kernel_flags(x, w, cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **kernel_flags(x, w, cfg), **pdl_flags(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def linear_small_m_triton(x: torch.Tensor, w: torch.Tensor, split_k: int | None = None,
@@ -211,7 +230,7 @@ def linear_small_m_triton(x: torch.Tensor, w: torch.Tensor, split_k: int | None 
     if split > 1:
         block = 1024
         _splitk_reduce_kernel[(cdiv(M * N, block),)](part, y, M, N, y.stride(0), y.stride(1),
-                                                     SPLIT_K=split, BLOCK=block, num_warps=4)
+                                                     SPLIT_K=split, BLOCK=block, num_warps=4, **pdl_flags(x))
     return y
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, cdiv, tl, tl_dtype, triton
+from ._common import HAS_TRITON, cdiv, pdl_flags, tl, tl_dtype, triton
 from .gemv import kernel_flags, linear_small_m_ref, resolve_config
 
 REDUCE_BLOCK = 1024
@@ -51,6 +51,7 @@ def linear_gelu_gate_ref(x: torch.Tensor, w: torch.Tensor, other: torch.Tensor) 
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from ._common import pdl_wait
     from .gemv import _gemv_acc
 
     @triton.jit
@@ -77,7 +78,7 @@ if HAS_TRITON:
                          sym, syn, k_per_split,
                          GEGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
-                         DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr):
+                         DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
         """NY output columns. GEGLU: program p owns columns p*BLOCK_N/2 .. +BLOCK_N/2; tile row 2i is
         gate row c_i, row 2i+1 is up row NY + c_i. Gate-mul: BLOCK_N columns, one weight row each.
         SPLIT_K > 1: fp32 partials into part [SPLIT_K, M, weight rows] (column = weight row)."""
@@ -96,7 +97,7 @@ if HAS_TRITON:
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
         acc = _gemv_acc(x_ptr, w_rows, M, k_start, k_end, sxm, sxk, swk,
-                        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K)
+                        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K, PDL)
         if USE_DOT:
             rows = tl.arange(0, BLOCK_M)[:, None]
         else:  # M == 1, CUDA-core path (BLOCK_M == 1)
@@ -123,9 +124,10 @@ if HAS_TRITON:
     @triton.jit
     def _splitk_act_kernel(part_ptr, o_ptr, y_ptr, M, NY, som, son, sym, syn,
                            GEGLU: tl.constexpr, X_DTYPE: tl.constexpr, SPLIT_K: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, PDL: tl.constexpr):
         """Sum the partials in the fixed order of `kernels.gemv._splitk_reduce_kernel` (s = 0, 1, ...),
         round to the projection's dtype, apply the epilogue. Elementwise over M * NY outputs."""
+        pdl_wait(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < M * NY
         m = offs // NY
@@ -163,11 +165,12 @@ def _launch(geglu: bool, x: torch.Tensor, w: torch.Tensor, other: torch.Tensor |
         x, w, o, y, part, M, NY, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         o.stride(0), o.stride(1), y.stride(0), y.stride(1), cfg["k_per_split"],
         GEGLU=geglu, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-        **kernel_flags(x, w, cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **kernel_flags(x, w, cfg), **pdl_flags(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
         _splitk_act_kernel[(cdiv(M * NY, REDUCE_BLOCK),)](
             part, o, y, M, NY, o.stride(0), o.stride(1), y.stride(0), y.stride(1),
-            GEGLU=geglu, X_DTYPE=tl_dtype(x.dtype), SPLIT_K=split, BLOCK=REDUCE_BLOCK, num_warps=4)
+            GEGLU=geglu, X_DTYPE=tl_dtype(x.dtype), SPLIT_K=split, BLOCK=REDUCE_BLOCK, num_warps=4,
+            **pdl_flags(x))
     return y
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, next_pow2, tl, triton
+from ._common import HAS_TRITON, next_pow2, pdl_flags, tl, triton
 from .rmsnorm import rmsnorm_ref
 
 
@@ -48,6 +48,7 @@ def write_kv_ref(k_raw: torch.Tensor, v_raw: torch.Tensor, k_weight: torch.Tenso
 # Triton kernels: grid (position, head), one head row of D per program.
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from ._common import pdl_wait
 
     @triton.jit
     def _weighted(xv, x_row, w_ptr, idx, ok, inv, HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr):
@@ -86,7 +87,8 @@ if HAS_TRITON:
     @triton.jit
     def _head_norm_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, sxr, sxh, scr, ssr, syr, syh, eps,
                           D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_W: tl.constexpr,
-                          PLUS_ONE: tl.constexpr, ROPE: tl.constexpr):
+                          PLUS_ONE: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
+        pdl_wait(PDL)
         r = tl.program_id(0).to(tl.int64)  # position (merged leading dims)
         h = tl.program_id(1)
         y = _normed_head(x_ptr + r * sxr + h * sxh, w_ptr, cos_ptr + r * scr, sin_ptr + r * ssr, eps,
@@ -100,7 +102,8 @@ if HAS_TRITON:
                          skr, skh, svr, svh, scr, ssr, skcb, skch, skcs, svcb, svch, svcs, sspb, ssps,
                          srb, srt, slb, slt, spb, spt, eps,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, PLUS_ONE: tl.constexpr,
-                         V_NORM: tl.constexpr):
+                         V_NORM: tl.constexpr, PDL: tl.constexpr):
+        pdl_wait(PDL)
         r = tl.program_id(0)  # position b * T + t
         h = tl.program_id(1)  # kv head
         b = r // T
@@ -166,7 +169,7 @@ def head_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, p
     _head_norm_kernel[(R, H)](
         x3, w, c2, s2, y3, x3.stride(0), x3.stride(1), c2.stride(0), s2.stride(0), y3.stride(0), y3.stride(1),
         float(eps), D=D, BLOCK_D=next_pow2(D), HAS_W=weight is not None, PLUS_ONE=bool(plus_one),
-        ROPE=cos is not None, num_warps=_warps(D))
+        ROPE=cos is not None, num_warps=_warps(D), **pdl_flags(x3))
     return y
 
 
@@ -200,7 +203,7 @@ def write_kv_triton(k_raw: torch.Tensor, v_raw: torch.Tensor, k_weight: torch.Te
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), slot_pos.stride(0), slot_pos.stride(1),
         rows.stride(0), rows.stride(1), slots.stride(0), slots.stride(1), pos32.stride(0), pos32.stride(1),
         float(eps), D=D, BLOCK_D=next_pow2(D), PLUS_ONE=bool(plus_one), V_NORM=bool(v_norm),
-        num_warps=_warps(D))
+        num_warps=_warps(D), **pdl_flags(k3))
 
 
 __all__ = ["head_norm_ref", "head_norm_triton", "write_kv_ref", "write_kv_triton"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import invariance
-from ._common import HAS_TRITON, next_pow2, tl, triton, use_triton
+from ._common import HAS_TRITON, next_pow2, pdl_flags, tl, triton, use_triton
 
 SINGLE_TILE_MAX = 16384  # rows up to this width stay in registers; wider rows loop over chunks
 CHUNK = 4096
@@ -59,6 +59,7 @@ def residual_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.
 # N is small, e.g. per-head norms over 256) and either the whole row in registers (SINGLE) or chunks.
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from ._common import pdl_wait
 
     @triton.jit
     def _scale(w_ptr, cols, c_ok, HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr):
@@ -79,7 +80,8 @@ if HAS_TRITON:
     @triton.jit
     def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, R, N, sxr, syr, eps,
                         HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr, SINGLE: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        pdl_wait(PDL)
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = rows[:, None] < R
         xrow = x_ptr + rows.to(tl.int64)[:, None] * sxr
@@ -132,7 +134,9 @@ if HAS_TRITON:
                          sxr, srr, shr, syr, eps,
                          HAS_WPOST: tl.constexpr, HAS_WPRE: tl.constexpr, PLUS_ONE: tl.constexpr,
                          HAS_SCALAR: tl.constexpr, WRITE_Y: tl.constexpr,
-                         SINGLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                         SINGLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PDL: tl.constexpr):
+        pdl_wait(PDL)
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rows64 = rows.to(tl.int64)[:, None]
         r_ok = rows[:, None] < R
@@ -222,7 +226,7 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, plu
     _rmsnorm_kernel[(triton.cdiv(R, block_r),)](
         x2, w, y, R, N, x2.stride(0), y.stride(0), float(eps),
         HAS_W=weight is not None, PLUS_ONE=bool(plus_one), SINGLE=single,
-        BLOCK_R=block_r, BLOCK_N=bn, num_warps=warps)
+        BLOCK_R=block_r, BLOCK_N=bn, num_warps=warps, **pdl_flags(x2))
     return y.view(x.shape)
 
 
@@ -246,7 +250,7 @@ def _sandwich_launch(x: torch.Tensor, residual: torch.Tensor, w_post: torch.Tens
             h, y, R, N, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0), float(eps),
             HAS_WPOST=w_post is not None, HAS_WPRE=w_pre is not None, PLUS_ONE=bool(plus_one),
             HAS_SCALAR=scalar is not None, WRITE_Y=write_y,
-            SINGLE=single, BLOCK_R=block_r, BLOCK_N=bn, num_warps=warps)
+            SINGLE=single, BLOCK_R=block_r, BLOCK_N=bn, num_warps=warps, **pdl_flags(x2))
     return h.view(residual.shape), y.view(residual.shape)
 
 

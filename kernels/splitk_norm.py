@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, tl, tl_dtype, triton
+from ._common import HAS_TRITON, pdl_flags, tl, tl_dtype, triton
 from .gemv import launch_gemv, linear_small_m_ref, linear_small_m_triton, resolve_config
 from .rmsnorm import (_config, _rows, post_norm_residual_pre_norm_ref, post_norm_residual_pre_norm_triton,
                       residual_rmsnorm_ref, residual_rmsnorm_triton)
@@ -53,6 +53,7 @@ def linear_add_norm_ref(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor
 # Triton kernel
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from ._common import pdl_wait
     from .rmsnorm import _h_values, _rms_inv, _scale
 
     @triton.jit
@@ -60,9 +61,10 @@ if HAS_TRITON:
                                 srr, shr, syr, eps,
                                 X_DTYPE: tl.constexpr, SPLIT_K: tl.constexpr, HAS_WPOST: tl.constexpr,
                                 HAS_WPRE: tl.constexpr, PLUS_ONE: tl.constexpr, HAS_SCALAR: tl.constexpr,
-                                WRITE_Y: tl.constexpr, BLOCK_N: tl.constexpr):
+                                WRITE_Y: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
         """One program per row; part [SPLIT_K, M, N] fp32. Tiles are [1, BLOCK_N], as the sandwich
         kernel's single-tile path with one row per program."""
+        pdl_wait(PDL)
         row = tl.program_id(0)
         row64 = row.to(tl.int64)
         cols = tl.arange(0, BLOCK_N)
@@ -115,7 +117,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, w_post: to
         h, y, M, N, r2.stride(0), h.stride(0), y.stride(0), float(eps),
         X_DTYPE=tl_dtype(x.dtype), SPLIT_K=cfg["SPLIT_K"], HAS_WPOST=w_post is not None,
         HAS_WPRE=w_next is not None, PLUS_ONE=bool(plus_one), HAS_SCALAR=scalar is not None,
-        WRITE_Y=write_y, BLOCK_N=block_n, num_warps=warps)
+        WRITE_Y=write_y, BLOCK_N=block_n, num_warps=warps, **pdl_flags(x))
     return h.view(residual.shape), y.view(residual.shape)
 
 

@@ -181,9 +181,10 @@ def test_long_mostly_empty_linear_cache_default_heuristics(row_mode):
 
 def test_split_heuristic_shapes():
     bm, bn, _ = da._blocks(512, 8 * 4)
-    assert (bm, bn) == (32, 32)
+    assert (bm, bn) == (32, 64)
+    assert da._blocks(256, 8)[:2] == (16, 128)             # E4B sliding layer: one 128-slot tile a split
     assert da._num_splits(131072, 2, bn, 132) == 132       # B=1: fill the GPU
-    assert da._num_splits(521, 2 * 1, 64, 132) == 5        # short ring: >= 128 slots a split
+    assert da._num_splits(521, 2 * 1, 128, 132) == 5       # short ring: >= 128 slots a split
     assert da._num_splits(4096, 64 * 2, 32, 132) == 3      # B=64: little to gain from splitting
 
 

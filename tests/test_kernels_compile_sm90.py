@@ -38,6 +38,8 @@ def _compile_all() -> int:
         src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
         kernel = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": 4})
         assert kernel.asm.get("cubin"), fn.__name__
+        # PDL (programmatic dependent launch): the wait must be in the code exactly when asked for
+        assert ("griddepcontrol.wait" in kernel.asm["ptx"]) == consts["PDL"], fn.__name__
 
     i32 = "i32"
     strides = {k: i32 for k in ("M", "K", "sxm", "sxk", "swn", "swk", "sym", "syn", "k_per_split")}
@@ -46,7 +48,7 @@ def _compile_all() -> int:
     for split in (1, 4):
         for bm, bn, bk in tiles:
             flags = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=bm > 1, DOT_FP32=False,
-                         EVEN_K=True)
+                         EVEN_K=True, PDL=split > 1)  # both PDL variants, without doubling the compiles
             build(gv._gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
                                     "N": i32, **strides}, flags)
             for geglu in (True, False):
@@ -56,14 +58,14 @@ def _compile_all() -> int:
     for geglu in (True, False):
         build(ge._splitk_act_kernel, {"part_ptr": "*fp32", "o_ptr": "*bf16", "y_ptr": "*bf16", "M": i32, "NY": i32,
                                       "som": i32, "son": i32, "sym": i32, "syn": i32},
-              dict(GEGLU=geglu, X_DTYPE=tl.bfloat16, SPLIT_K=10, BLOCK=ge.REDUCE_BLOCK))
+              dict(GEGLU=geglu, X_DTYPE=tl.bfloat16, SPLIT_K=10, BLOCK=ge.REDUCE_BLOCK, PDL=geglu))
     for write_y, scalar in ((True, True), (True, False), (False, False)):
         build(sn._splitk_sandwich_kernel,
               {"part_ptr": "*fp32", "r_ptr": "*bf16", "wpost_ptr": "*bf16", "wpre_ptr": "*bf16", "s_ptr": "*bf16",
                "h_ptr": "*bf16", "y_ptr": "*bf16", "M": i32, "N": i32, "srr": i32, "shr": i32, "syr": i32,
                "eps": "fp32"},
               dict(X_DTYPE=tl.bfloat16, SPLIT_K=4, HAS_WPOST=True, HAS_WPRE=write_y, PLUS_ONE=not scalar,
-                   HAS_SCALAR=scalar, WRITE_Y=write_y, BLOCK_N=4096), warps=8)
+                   HAS_SCALAR=scalar, WRITE_Y=write_y, BLOCK_N=4096, PDL=write_y), warps=8)
     return 0
 
 
