@@ -34,7 +34,13 @@ class LayerCache:
         return torch.where(positions >= 0, slot, torch.full_like(slot, self.trash))
 
     def write(self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """rows [B'], positions [B', T] (all >= 0), k/v [B', T, Hkv, D] -> scatter into the slots."""
+        """rows [B'], positions [B', T] (padding -1), k/v [B', T, Hkv, D] -> scatter into the slots.
+        Whole prompts at once, with no host read (prefill can be a CUDA graph): a ring keeps each
+        stream's newest `slots` positions, so no two kept positions share a slot; padding and evicted
+        positions all land in the trash slot (its content is never visible, its position stays -1)."""
+        if self.ring:
+            newest = positions.amax(dim=1, keepdim=True)
+            positions = torch.where(positions > newest - self.slots, positions, -1)
         slots = self.slot_of(positions).long()
         b = rows.long()[:, None].expand_as(slots)
         self.k[b, :, slots] = k
@@ -42,7 +48,7 @@ class LayerCache:
         self.slot_pos[b, slots] = positions.to(torch.int32)
 
     def reset_rows(self, rows: torch.Tensor) -> None:
-        self.slot_pos[rows.long()] = -1
+        self.slot_pos.index_fill_(0, rows.long(), -1)  # no host-side value tensor: safe in a graph capture
 
     def prefix(self, rows: int) -> "LayerCache":
         """The first `rows` streams as views (batch is the outermost dim, so views stay contiguous)."""
@@ -68,6 +74,11 @@ class KVCache:
             ring = arch.is_sliding(i) and window is not None
             slots = min(window + MAX_DRAFT_TOKENS + 1, max_context) if ring else max_context
             self.layers[i] = LayerCache(batch, arch.kv_heads[i], slots, arch.head_dims[i], ring, device, dtype)
+
+    def check_fits(self, length: int) -> None:
+        """A prompt of `length` tokens must fit every linear (full-attention) cache."""
+        if length > self.max_context:
+            raise ValueError(f"prompt of {length} tokens exceeds the cache's max context {self.max_context}")
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         for layer in self.layers.values():

@@ -148,11 +148,18 @@ class GemmaDecoder(nn.Module):
 
     # ---- forward modes -----------------------------------------------------------------
     def forward_fresh(self, tokens: torch.Tensor, positions: torch.Tensor, window: int | None,
-                      cache: KVCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                      cache: KVCache | None = None, rows: torch.Tensor | None = None,
+                      graph_safe: bool = False) -> torch.Tensor:
         """tokens/positions [B, T] (positions 0..L-1 per stream, -1 for right padding) -> hidden [B, T, H].
-        With `cache`, also writes each stream's K/V into cache row rows[b] (the row is reset first)."""
-        for t in self.rope.values():
-            t.ensure(int(positions.max()) + 1)
+        With `cache`, also writes each stream's K/V into cache row rows[b] (the row is reset first).
+        `graph_safe`: no host reads (CUDA-graph capture); the caller has sized the RoPE tables and
+        checked that every prompt fits the cache."""
+        if not graph_safe:
+            longest = int(positions.max()) + 1
+            for t in self.rope.values():
+                t.ensure(longest)
+            if cache is not None:
+                cache.check_fits(longest)
         rope = {t: tab.lookup(positions) for t, tab in self.rope.items()}
         h, per_layer = self._embed(tokens)
         masks = {SLIDING: visibility(positions, positions, window), FULL: visibility(positions, positions, None)}
@@ -170,7 +177,7 @@ class GemmaDecoder(nn.Module):
                     v = ops.scale_free_norm(v, eps)
                 fresh_kv[layer.index] = (k, v)
                 if cache is not None:
-                    self._write_prefill(cache, layer.index, rows, positions, k, v)
+                    cache.layers[layer.index].write(rows, positions, k, v)
             k, v = fresh_kv[layer.source]
             o = self._attend_chunked(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), masks[layer.layer_type],
                                      self._window(layer, window))
@@ -200,17 +207,6 @@ class GemmaDecoder(nn.Module):
                               a.attn_scale, a.attn_softcap))
         return torch.cat(out, dim=2)
 
-    @staticmethod
-    def _write_prefill(cache: KVCache, i: int, rows: torch.Tensor, positions: torch.Tensor,
-                       k: torch.Tensor, v: torch.Tensor) -> None:
-        lc = cache.layers[i]
-        for b in range(positions.shape[0]):  # per stream: lengths differ; prefill is not graph-captured
-            n = int((positions[b] >= 0).sum())
-            start = max(0, n - lc.slots) if lc.ring else 0
-            if n > lc.slots and not lc.ring:
-                raise ValueError(f"prompt of {n} tokens exceeds the cache's max context {lc.slots}")
-            lc.write(rows[b:b + 1], positions[b:b + 1, start:n], k[b:b + 1, start:n], v[b:b + 1, start:n])
-
     def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                      window: int | None) -> torch.Tensor:
         """tokens/positions [B, T] for all B cache rows (position -1: inactive row) -> hidden [B, T, H].
@@ -220,8 +216,12 @@ class GemmaDecoder(nn.Module):
         B, T = tokens.shape
         rows = torch.arange(B, device=tokens.device)[:, None].expand(B, T)
         pos32 = positions.to(torch.int32)  # once per step, shared by every layer's write and attention
-        # physical slots per cache geometry, computed once per step (padding -> the trash slot)
-        slots = {(lc.ring, lc.slots): lc.slot_of(positions) for lc in cache.layers.values()}
+        # physical slots per cache geometry (padding -> the trash slot), computed once per step: one
+        # slot_of per distinct (ring, slots), not per layer (each call is ~5 small kernels)
+        slots: dict[tuple[bool, int], torch.Tensor] = {}
+        for lc in cache.layers.values():
+            if (lc.ring, lc.slots) not in slots:
+                slots[(lc.ring, lc.slots)] = lc.slot_of(positions)
         eps, plus_one = self._eps()
         x = ops.norm(h, self.layers[0].norms["input_layernorm"], eps, plus_one)
         for layer in self.layers:
