@@ -188,7 +188,7 @@ def main() -> int:
     tps = measure_tps(gen, prompts, args.new_tokens, repeats=3, warmup=1)
     res["engine_first_use_seconds"] = time.perf_counter() - t0 - tps["seconds"]
     res.update(engine_tps=tps["tps"], engine_tps_min=tps["tps_min"], engine_tps_max=tps["tps_max"],
-               engine_tps_decode=tps["tps_decode"])
+               engine_tps_decode=tps["tps_decode"], engine_prefill_seconds=tps["prefill_seconds"])
     print(f"engine TPS {tps['tps']:.1f} (decode-only {tps['tps_decode']:.1f})", flush=True)
 
     # 3b. A/B of the decode-path choices, same process, same weights
@@ -208,20 +208,22 @@ def main() -> int:
     variants["attention=sdpa"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
     del g_ab
     attention_mod._TRITON_ATTENTION = True
-    import kernels.decode_attention as attn_kernel
     import kernels.gemv as gemv_kernel
 
-    for min_split in (64, 32):
-        attn_kernel.MIN_SPLIT_SLOTS = min_split
-        g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
-        variants[f"attn_min_split={min_split}"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
-        del g_ab
-    attn_kernel.MIN_SPLIT_SLOTS = 128
     gemv_kernel.SPLIT_BELOW_WAVES = 1.0
     g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
     variants["gemv_split_below=1"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
     del g_ab
     gemv_kernel.SPLIT_BELOW_WAVES = 2.0
+    import kernels._common as kernels_common
+
+    kernels_common.PDL = False  # programmatic dependent launch off (graphs keep what they were captured with)
+    g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
+    variants["pdl=off"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
+    g_ab.prefill_graphs = False
+    variants["pdl=off,prefill_graphs=off"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
+    del g_ab
+    kernels_common.PDL = True
     res["variants_tps"] = variants
     print("variants (TPS, 128 new tokens):", json.dumps({k: round(v, 1) for k, v in variants.items()}), flush=True)
 
