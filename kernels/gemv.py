@@ -29,6 +29,9 @@ SPLIT_BELOW_WAVES = 2.0
 # None follows the row-invariance switch (`kernels.invariance.ROW_INVARIANT`, on by default: the
 # attention and norm kernels must be invariant too for that to hold); True / False force it (A/B runs).
 BATCH_INVARIANT: bool | None = None
+# Weight tiles each GEMV program requests before its PDL wait (`_gemv_acc`); read at launch (A/B runs).
+# H100, E4B decode step with PDL: 1 tile 4.788 ms, 2 tiles 4.756 ms (bitwise equal results).
+PREFETCH_TILES = 2
 
 
 def batch_invariant() -> bool:
@@ -75,13 +78,15 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_acc(x_ptr, w_rows, M, k_start, k_end, sxm, sxk, swk,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                  USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+                  PREFETCH: tl.constexpr):
         """fp32 partial sums of x[:, k_start:k_end] @ w_rows[:, k_start:k_end].T: [BLOCK_M, BLOCK_N]
         with USE_DOT, else [BLOCK_N] (M == 1). `w_rows` [BLOCK_N, 1] pointers to the weight rows this
         program owns (shared by `_gemv_kernel` and the fused-epilogue kernels of `kernels.gemv_epilogue`,
-        so every variant streams the weights the same way). The first weight tile is requested before
-        `pdl_wait`: under PDL it streams while the previous kernel finishes; x is read only after.
-        Tiles are summed in K order either way (same arithmetic with PDL on or off)."""
+        so every variant streams the weights the same way). The first PREFETCH (1 or 2) weight tiles are
+        requested before `pdl_wait`: under PDL they stream while the previous kernel finishes; x is read
+        only after. Tiles are summed in K order either way (same arithmetic with PDL on or off; a second
+        tile past the split's end is masked to zeros)."""
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         if USE_DOT:
@@ -90,9 +95,16 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_N], tl.float32)
         offs_k = k_start + tl.arange(0, BLOCK_K)
         w = _w_tile(w_rows, offs_k, k_end, swk, EVEN_K)
+        offs_k2 = offs_k + BLOCK_K
+        if PREFETCH == 2:
+            w2 = tl.load(w_rows + offs_k2[None, :] * swk, mask=offs_k2[None, :] < k_end, other=0.0)
         pdl_wait(PDL)
         acc = _acc_tile(acc, w, x_ptr, offs_m, m_ok, offs_k, k_end, sxm, sxk, USE_DOT, DOT_FP32)
-        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
+        start = k_start + BLOCK_K
+        if PREFETCH == 2:
+            acc = _acc_tile(acc, w2, x_ptr, offs_m, m_ok, offs_k2, k_end, sxm, sxk, USE_DOT, DOT_FP32)
+            start += BLOCK_K
+        for k0 in range(start, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             w = _w_tile(w_rows, offs_k, k_end, swk, EVEN_K)
             acc = _acc_tile(acc, w, x_ptr, offs_m, m_ok, offs_k, k_end, sxm, sxk, USE_DOT, DOT_FP32)
@@ -102,7 +114,7 @@ if HAS_TRITON:
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, sxm, sxk, swn, swk, sym, syn, k_per_split,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-                     EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                     EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -115,7 +127,7 @@ if HAS_TRITON:
         # along K (vectorised 16-byte loads); their results are dropped at the store.
         w_rows = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * swn
         acc = _gemv_acc(x_ptr, w_rows, M, k_start, k_end, sxm, sxk, swk,
-                        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K, PDL)
+                        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K, PDL, PREFETCH)
         if USE_DOT:
             out = acc
             rows = offs_m[:, None]
@@ -191,12 +203,12 @@ def resolve_config(x: torch.Tensor, w: torch.Tensor, split_k: int | None = None,
     return cfg
 
 
-def kernel_flags(x: torch.Tensor, w: torch.Tensor, cfg: dict[str, int]) -> dict[str, bool]:
+def kernel_flags(x: torch.Tensor, w: torch.Tensor, cfg: dict[str, int]) -> dict[str, bool | int]:
     """The dtype/shape constexprs of the K loop (`_gemv_acc`) for this call."""
     dot_fp32 = (x.dtype != w.dtype or w.dtype == torch.float32
                 or (INTERPRET and w.dtype == torch.bfloat16))
     even_k = x.shape[1] % cfg["BLOCK_K"] == 0 and cfg["k_per_split"] % cfg["BLOCK_K"] == 0
-    return dict(USE_DOT=cfg["BLOCK_M"] > 1, DOT_FP32=dot_fp32, EVEN_K=even_k)
+    return dict(USE_DOT=cfg["BLOCK_M"] > 1, DOT_FP32=dot_fp32, EVEN_K=even_k, PREFETCH=PREFETCH_TILES)
 
 
 def launch_gemv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, part: torch.Tensor, cfg: dict[str, int]) -> None:

@@ -78,7 +78,8 @@ if HAS_TRITON:
                          sym, syn, k_per_split,
                          GEGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
-                         DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                         DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+                         PREFETCH: tl.constexpr):
         """NY output columns. GEGLU: program p owns columns p*BLOCK_N/2 .. +BLOCK_N/2; tile row 2i is
         gate row c_i, row 2i+1 is up row NY + c_i. Gate-mul: BLOCK_N columns, one weight row each.
         SPLIT_K > 1: fp32 partials into part [SPLIT_K, M, weight rows] (column = weight row)."""
@@ -97,7 +98,7 @@ if HAS_TRITON:
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
         acc = _gemv_acc(x_ptr, w_rows, M, k_start, k_end, sxm, sxk, swk,
-                        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K, PDL)
+                        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K, PDL, PREFETCH)
         if USE_DOT:
             rows = tl.arange(0, BLOCK_M)[:, None]
         else:  # M == 1, CUDA-core path (BLOCK_M == 1)

@@ -169,14 +169,21 @@ def ab_pdl_and_prefill(lm, prompt: list[int], rounds: int = 5) -> dict:
     tokens = torch.full((1, 1), 7, device=dev)
     positions = torch.full((1, 1), len(prompt), device=dev)
     gens, hidden = {}, {}
-    modes = {"pdl": True, "no_pdl": False}  # kernels._common.PDL values
+    import kernels.gemv as gemv
+
+    # (kernels._common.PDL, kernels.gemv.PREFETCH_TILES) per mode
+    modes = {"pdl": (True, 1), "no_pdl": (False, 1), "pdl_prefetch2": (True, 2)}
+
+    def use(mode: str) -> None:
+        common.PDL, gemv.PREFETCH_TILES = modes[mode]
+
     for mode in modes:
-        common.PDL = modes[mode]
+        use(mode)
         g = gens[mode] = Generator(lm, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
         g.prefill_graphs = False  # the prefill graphs are tested on their own below
         g.prefill(prompt, 0)
         hidden[mode] = g.step(tokens, positions)[0].clone()
-    common.PDL = True
+    use("pdl")
     times: dict[str, list[float]] = {m: [] for m in gens}
     for _ in range(rounds):
         for mode, g in gens.items():
@@ -196,9 +203,9 @@ def ab_pdl_and_prefill(lm, prompt: list[int], rounds: int = 5) -> dict:
     prompts = [torch.randint(3, lm.arch.vocab_size, (len(prompt),), generator=gp).tolist() for _ in range(3)]
     for mode in modes:
         gens[mode].prefill_graphs = mode != "no_pdl" and "prefill_graph_error" not in out
-        common.PDL = modes[mode]  # the prefill graphs are captured with it too
+        use(mode)  # the prefill graphs are captured with it too
         r = measure_tps(gens[mode], prompts, 256, repeats=3, warmup=1)
-        common.PDL = True
+        use("pdl")
         out[f"tps_{mode}"] = r["tps"]
         out[f"tps_decode_{mode}"] = r["tps_decode"]
         out[f"prefill_s_{mode}"] = r["prefill_seconds"]

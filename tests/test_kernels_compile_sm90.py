@@ -48,7 +48,7 @@ def _compile_all() -> int:
     for split in (1, 4):
         for bm, bn, bk in tiles:
             flags = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=bm > 1, DOT_FP32=False,
-                         EVEN_K=True, PDL=split > 1)  # both PDL variants, without doubling the compiles
+                         EVEN_K=True, PDL=split > 1, PREFETCH=2 if split > 1 else 1)  # each variant, no doubling
             build(gv._gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
                                     "N": i32, **strides}, flags)
             for geglu in (True, False):

@@ -73,6 +73,19 @@ def test_forced_split_k(dtype, M, split_k, block_k, K):
     check(rand((M, K), dtype, 1), rand((40, K), dtype, 2), split_k=split_k, block_k=block_k)
 
 
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("split_k,block_k,K", [(3, 32, 300), (1, 32, 32), (1, 32, 40), (7, 32, 96)])
+def test_two_tile_prefetch_same_bits(monkeypatch, M, split_k, block_k, K):
+    # PREFETCH_TILES=2 peels a second tile ahead of the PDL wait: same sum order, so the same bits, also
+    # where a split holds one tile (K=32) or a ragged one (K=40: the second tile is partly masked)
+    x, w = rand((M, K), torch.float32, 5), rand((24, K), torch.float32, 6)
+    want = gv.linear_small_m_triton(x, w, split_k=split_k, block_k=block_k)
+    monkeypatch.setattr(gv, "PREFETCH_TILES", 2)
+    got = gv.linear_small_m_triton(x, w, split_k=split_k, block_k=block_k)
+    assert torch.equal(got, want)
+    check(x, w, split_k=split_k, block_k=block_k)
+
+
 def test_default_split_k_small_n_large_k():
     # the heuristic itself must choose split-K for few outputs over a long K (PLE-like)
     x, w = rand((2, 2048), torch.float32, 3), rand((32, 2048), torch.float32, 4)
