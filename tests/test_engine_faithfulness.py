@@ -159,3 +159,56 @@ def test_sliding_prefill_attends_only_inside_the_window() -> None:
         live = (pos >= 0)[:, None, :, None].expand_as(full)
         assert torch.allclose(banded[live], full[live], atol=1e-5), window
         assert torch.isfinite(banded).all()
+
+
+def test_padded_graph_safe_prefill_equals_eager_prefill() -> None:
+    """What a prefill CUDA graph runs (`forward_fresh(graph_safe=True)` over the prompt right-padded with
+    position -1 to its bucket) gives the eager prefill's hidden states and leaves the same cache: the
+    padding only touches the trash slot, and a ring keeps the prompt's newest positions (the 40-token
+    prompt is longer than the 16 + 9 slots of the sliding layers' ring)."""
+    from engine.cache import KVCache
+    from engine.generate import prefill_bucket
+
+    _, eng = _pair(CONFIGS["gemma4-e4b-style"])
+    a, n, row = eng.arch, 40, 1
+    bucket = prefill_bucket(n)
+    assert bucket == 64 and prefill_bucket(1025) is None
+    ids = torch.randint(3, a.vocab_size, (1, n), generator=torch.Generator().manual_seed(3))
+    caches = [KVCache(a, 2, 128, a.sliding_window, "cpu", torch.float32) for _ in range(2)]
+    rows = torch.tensor([row])
+    with torch.inference_mode():
+        eager = eng.forward_fresh(ids, torch.arange(n)[None], a.sliding_window, cache=caches[0], rows=rows)
+        padded_ids = torch.cat([ids, torch.zeros(1, bucket - n, dtype=torch.long)], dim=1)
+        padded_pos = torch.where(torch.arange(bucket) < n, torch.arange(bucket), -1)[None]
+        graphed = eng.forward_fresh(padded_ids, padded_pos, a.sliding_window, cache=caches[1], rows=rows,
+                                    graph_safe=True)
+    assert torch.allclose(graphed[:, :n], eager, atol=1e-5)
+    for i, lc in caches[0].layers.items():
+        other = caches[1].layers[i]
+        assert torch.equal(lc.slot_pos[:, :lc.slots], other.slot_pos[:, :other.slots]), i
+        filled = lc.slot_pos[row, :lc.slots] >= 0
+        if lc.ring:
+            assert sorted(lc.slot_pos[row, :lc.slots][filled].tolist()) == list(range(n - lc.slots, n))
+        assert torch.allclose(lc.k[row][:, :lc.slots][:, filled], other.k[row][:, :other.slots][:, filled], atol=1e-5)
+        assert torch.allclose(lc.v[row][:, :lc.slots][:, filled], other.v[row][:, :other.slots][:, filled], atol=1e-5)
+        assert int(other.slot_pos[row, other.trash]) == -1  # padding went to the trash slot, never visible
+
+
+def test_ring_write_of_a_long_prompt_scatters_each_slot_once(monkeypatch) -> None:
+    """A prompt longer than the ring is written in one scatter; the GPU's scatter picks an arbitrary
+    winner among duplicate indices, so only the newest `slots` positions may reach real slots."""
+    from engine.cache import LayerCache
+
+    lc = LayerCache(1, 1, 10, 4, True, "cpu", torch.float32)
+    seen: list[torch.Tensor] = []
+    real_slot_of = lc.slot_of
+    monkeypatch.setattr(lc, "slot_of", lambda p: seen.append(real_slot_of(p)) or seen[-1])
+    n = 23
+    pos = torch.cat([torch.arange(n), torch.full((5,), -1)])[None]  # right padding too
+    k = torch.randn(1, pos.shape[1], 1, 4)
+    lc.write(torch.tensor([0]), pos, k, k)
+    slots = seen[-1][0]
+    real = slots[slots != lc.trash]
+    assert len(real) == len(set(real.tolist())) == lc.slots
+    assert sorted(lc.slot_pos[0, :lc.slots].tolist()) == list(range(n - lc.slots, n))
+    assert torch.equal(lc.k[0, 0, (n - 1) % lc.slots], k[0, n - 1, 0])
