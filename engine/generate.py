@@ -183,6 +183,30 @@ class Generator:
                     captured += 1
         return captured
 
+    def _prefill_graph(self, bucket: int, row: int) -> PrefillGraph:
+        """The prefill graph of one length bucket, captured on first use (the capture resets `row`)."""
+        graph = self._prefill_graphs.get(bucket)
+        if graph is None:
+            if self._prefill_pool is None:
+                self._prefill_pool = torch.cuda.graph_pool_handle()
+            graph = self._prefill_graphs[bucket] = PrefillGraph(self.model, self.cache, self.window, bucket, row,
+                                                                self.device, self._prefill_pool)
+        return graph
+
+    @torch.inference_mode()
+    def capture_prefills(self, lengths: Sequence[int] | None = None) -> int:
+        """Capture now the prefill graph of every length bucket below the max context, or only the buckets
+        of prompts of these `lengths`, as `capture_steps` does for the steps (the first prompt of a new
+        bucket would otherwise stall for its capture, inside a timed run). Each capture resets cache row 0:
+        call it before any stream is live. Returns how many were captured."""
+        if not (self.use_graphs and self.prefill_graphs):
+            return 0
+        wanted = PREFILL_GRAPH_BUCKETS if lengths is None else {prefill_bucket(n) for n in lengths} - {None}
+        todo = sorted(b for b in wanted if b < self.max_context and b not in self._prefill_graphs)
+        for bucket in todo:
+            self._prefill_graph(bucket, 0)
+        return len(todo)
+
     @torch.inference_mode()
     def prefill(self, prompt: Sequence[int], row: int) -> torch.Tensor:
         """Fill cache row `row` with the prompt; returns the last position's hidden state [H]."""
@@ -194,15 +218,9 @@ class Generator:
         ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
         if int(ids.max()) >= self.arch.vocab_size or int(ids.min()) < 0:
             raise UserError(f"prompt token ids must be in [0, {self.arch.vocab_size})")
-        bucket = prefill_bucket(n) if self.prefill_graphs else None
+        bucket = prefill_bucket(n) if self.use_graphs and self.prefill_graphs else None
         if bucket is not None:
-            graph = self._prefill_graphs.get(bucket)
-            if graph is None:
-                if self._prefill_pool is None:
-                    self._prefill_pool = torch.cuda.graph_pool_handle()
-                graph = self._prefill_graphs[bucket] = PrefillGraph(self.model, self.cache, self.window, bucket, row,
-                                                                    self.device, self._prefill_pool)
-            return graph(ids, row)
+            return self._prefill_graph(bucket, row)(ids, row)
         pos = torch.arange(n, device=self.device)[None]
         rows = torch.tensor([row], device=self.device)
         hidden = self.model.forward_fresh(ids, pos, self.window, cache=self.cache, rows=rows)

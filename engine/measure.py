@@ -136,8 +136,10 @@ def measure_tps(generator: Any, prompts: Sequence[Sequence[int]], max_new_tokens
     dev = generator.device
     batch = generator.knobs.batch_size
     if warmup:
-        # untimed warm-up requests: enough to fill one wave, so every graph width is captured
+        # untimed warm-up requests: enough to fill one wave, so every graph width is captured, and the
+        # prefill graph of every prompt-length bucket the set needs
         generator.generate(list(prompts)[:max(warmup, batch)], max_new_tokens)
+        generator.capture_prefills([len(p) for p in prompts])
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     runs = []

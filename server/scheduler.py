@@ -104,12 +104,13 @@ class Scheduler:
         self.error: BaseException | None = None
 
     # ---- public ------------------------------------------------------------------------
-    def capture_steps(self) -> int:
-        """Every step graph this scheduler can replay (busy rows x {decode, verify} width), before the
-        first request, as vLLM captures at start-up: otherwise the first request that meets a new shape
-        stalls for a compile and capture. Call before `start()`. Returns how many were captured."""
+    def capture_steps(self) -> tuple[int, int]:
+        """Every step graph this scheduler can replay (busy rows x {decode, verify} width) and every
+        prefill graph (one per prompt-length bucket), before the first request, as vLLM captures at
+        start-up: otherwise the first request that meets a new shape stalls for a compile and capture.
+        Call before `start()`. Returns how many (step, prefill) graphs were captured."""
         widths = (1, self.spec.k + 1) if self.speculative else (1,)
-        return self.g.capture_steps(widths)
+        return self.g.capture_steps(widths), self.g.capture_prefills()
 
     def start(self) -> None:
         self._thread.start()

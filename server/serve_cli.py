@@ -37,9 +37,10 @@ def build_state(loaded: Any, served_name: str | None = None) -> Any:
     metrics = Metrics(names[0])
     scheduler = Scheduler(worker, metrics)
     t0 = time.perf_counter()
-    captured = scheduler.capture_steps()
-    if captured:
-        log.info("captured %d decode/verify step graphs in %.1f s", captured, time.perf_counter() - t0)
+    steps, prefills = scheduler.capture_steps()
+    if steps or prefills:
+        log.info("captured %d decode/verify step graphs and %d prefill graphs in %.1f s", steps, prefills,
+                 time.perf_counter() - t0)
     scheduler.start()
     tok = worker.text_tokenizer  # None: token ids only (no text in or out)
     eos = set(worker.loaded.arch.eos_token_ids) | set(getattr(tok, "eos_ids", ()) or ())
