@@ -195,14 +195,16 @@ class Generator:
 
     @torch.inference_mode()
     def capture_prefills(self, lengths: Sequence[int] | None = None) -> int:
-        """Capture now the prefill graph of every length bucket below the max context, or only the buckets
+        """Capture now the prefill graph of every length bucket a prompt can land in, or only the buckets
         of prompts of these `lengths`, as `capture_steps` does for the steps (the first prompt of a new
         bucket would otherwise stall for its capture, inside a timed run). Each capture resets cache row 0:
         call it before any stream is live. Returns how many were captured."""
         if not (self.use_graphs and self.prefill_graphs):
             return 0
-        wanted = PREFILL_GRAPH_BUCKETS if lengths is None else {prefill_bucket(n) for n in lengths} - {None}
-        todo = sorted(b for b in wanted if b < self.max_context and b not in self._prefill_graphs)
+        if lengths is None:  # every bucket a prompt below the max context can land in
+            lengths = [min(b, self.max_context - 1) for b in PREFILL_GRAPH_BUCKETS]
+        wanted = {prefill_bucket(n) for n in lengths} - {None}
+        todo = sorted(b for b in wanted if b not in self._prefill_graphs)
         for bucket in todo:
             self._prefill_graph(bucket, 0)
         return len(todo)

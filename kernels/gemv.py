@@ -10,6 +10,8 @@ to stream W [N, K] (row-major, as checkpoints store it) from HBM exactly once at
     across programs; partial sums go to an fp32 scratch and a second tiny kernel adds them in a
     fixed order: deterministic and atomic-free.
 Accumulation is fp32; the output has x's dtype. Wider M (prefill) goes to cuBLAS.
+Under programmatic dependent launch (`kernels._common.PDL`) a program reads its first W tiles before it
+waits for the previous kernel: W must be a weight, never a tensor a preceding kernel writes.
 """
 from __future__ import annotations
 
