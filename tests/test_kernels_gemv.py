@@ -119,3 +119,9 @@ def test_dispatch():
     assert torch.allclose(gv.linear_small_m(xw, w), xw @ w.T, atol=1e-5)
     with pytest.raises(ValueError):
         gv.linear_small_m_triton(xw, w)
+
+
+def test_pdl_only_for_cuda_tensors_on_hopper():
+    # programmatic dependent launch needs a CUDA device of compute capability >= 9.0; the interpreter and
+    # CPU tensors launch plainly (the kernels then compile without griddepcontrol)
+    assert common.pdl_flags(torch.zeros(1)) == {"PDL": False, "launch_pdl": False}
