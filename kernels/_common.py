@@ -27,12 +27,14 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Programmatic dependent launch (PDL, Hopper and newer). A decode step is ~700 short kernels, and each
 # used to start only after the previous one had drained. With PDL a kernel is launched while its
-# predecessor still runs; it does what needs no earlier result (a GEMV requests its first weight tile),
+# predecessor still runs; it does what needs no earlier result (a GEMV requests its first weight tiles),
 # then waits (`pdl_wait`: the predecessor has completed and its writes are visible) before it reads or
 # writes any activation, and only then lets the next kernel launch (letting it launch before waiting
 # parks more CTAs on the SMs and was slower: H100 E4B step 5.20 ms vs 4.80 ms). VKAE_PDL=0 turns it
 # off. Read at launch, so a benchmark can A/B it in one process (CUDA graphs keep what they captured).
 PDL: bool = os.environ.get("VKAE_PDL", "1") != "0"
+# Triton gained the grid-dependency ops and the `launch_pdl` launch option in 3.4; older ones launch plainly.
+_TRITON_HAS_PDL: bool = HAS_TRITON and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 FORCE_TRITON_ON_CPU: bool = INTERPRET and os.environ.get("VKAE_TRITON_INTERPRET_TESTS", "0") == "1"
 
@@ -52,7 +54,7 @@ def use_triton(t: torch.Tensor) -> bool:
 def pdl_flags(t: torch.Tensor) -> dict[str, bool]:
     """Launch kwargs of a PDL-aware kernel for operands on t's device: the kernel's `PDL` constexpr
     and Triton's `launch_pdl` option, both on for CUDA devices of compute capability >= 9.0."""
-    on = PDL and HAS_TRITON and t.is_cuda and not INTERPRET
+    on = PDL and _TRITON_HAS_PDL and t.is_cuda and not INTERPRET
     if on:
         idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
         if idx not in _CAPABILITY:
