@@ -114,6 +114,7 @@ def bench_main(argv: Sequence[str]) -> int:
             ("output tokens / prompt", a.max_new_tokens),
             ("TPS (incl. prefill), median", f"{tps['tps']:.2f}  [min {tps['tps_min']:.2f}, max {tps['tps_max']:.2f}]"),
             ("TPS decode-only", f"{tps['tps_decode']:.2f}"), ("TPS per stream", f"{tps['tps_per_stream']:.2f}"),
+            ("prefill, mean per prompt", f"{1e3 * tps['prefill_seconds'] / len(prompts):.1f} ms"),
             ("mean accepted / step", f"{tps['mean_accepted']:.3f}"),
             ("peak memory", f"{tps['peak_memory_bytes'] / 2**30:.2f} GiB")]
     if result["ppl"] is not None:
