@@ -122,6 +122,18 @@ if HAS_TRITON:
         return h
 
     @triton.jit
+    def _store_h_y(h, h_ptrs, y_ptrs, m, wpre_ptr, cols, c_ok, N, eps, HAS_WPRE: tl.constexpr,
+                   PLUS_ONE: tl.constexpr, WRITE_Y: tl.constexpr):
+        """Single-tile epilogue: store h, then (WRITE_Y) the next layer's input y = norm(h) * w_pre.
+        Shared with the split-K reduce + norm kernel of `kernels.splitk_norm`."""
+        tl.store(h_ptrs, h, mask=m)
+        if WRITE_Y:
+            hf = h.to(tl.float32)
+            inv2 = _rms_inv(hf, N, eps)
+            y = hf * inv2[:, None] * _scale(wpre_ptr, cols, c_ok, HAS_WPRE, PLUS_ONE)
+            tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _h_tile(x_ptrs, r_ptrs, m, inv, wpost, s_ptr, X_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr,
                 HAS_SCALAR: tl.constexpr):
         """`_h_values` of the x and residual tiles at these pointers."""
@@ -151,12 +163,8 @@ if HAS_TRITON:
             h = _h_tile(x_ptr + rows64 * sxr + cols[None, :], r_ptr + rows64 * srr + cols[None, :], m,
                         inv, _scale(wpost_ptr, cols, c_ok, HAS_WPOST, PLUS_ONE), s_ptr, X_DTYPE, H_DTYPE,
                         HAS_SCALAR)
-            tl.store(h_ptr + rows64 * shr + cols[None, :], h, mask=m)
-            if WRITE_Y:
-                hf = h.to(tl.float32)
-                inv2 = _rms_inv(hf, N, eps)
-                y = hf * inv2[:, None] * _scale(wpre_ptr, cols, c_ok, HAS_WPRE, PLUS_ONE)
-                tl.store(y_ptr + rows64 * syr + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+            _store_h_y(h, h_ptr + rows64 * shr + cols[None, :], y_ptr + rows64 * syr + cols[None, :], m, wpre_ptr,
+                       cols, c_ok, N, eps, HAS_WPRE, PLUS_ONE, WRITE_Y)
         else:
             # Wide rows: pass 1 sums x^2, pass 2 writes h and sums h^2, pass 3 recomputes h from
             # x and residual (instead of re-reading the h just stored: no cross-thread hazard).

@@ -54,7 +54,7 @@ def linear_add_norm_ref(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
     from ._common import pdl_wait
-    from .rmsnorm import _h_values, _rms_inv, _scale
+    from .rmsnorm import _h_values, _rms_inv, _scale, _store_h_y
 
     @triton.jit
     def _splitk_sandwich_kernel(part_ptr, r_ptr, wpost_ptr, wpre_ptr, s_ptr, h_ptr, y_ptr, M, N,
@@ -78,12 +78,8 @@ if HAS_TRITON:
         r = tl.load(r_ptr + row64 * srr + cols[None, :], mask=m, other=0.0).to(tl.float32)
         h = _h_values(x, r, inv, _scale(wpost_ptr, cols, c_ok, HAS_WPOST, PLUS_ONE), s_ptr, X_DTYPE,
                       h_ptr.dtype.element_ty, HAS_SCALAR)
-        tl.store(h_ptr + row64 * shr + cols[None, :], h, mask=m)
-        if WRITE_Y:
-            hf = h.to(tl.float32)
-            inv2 = _rms_inv(hf, N, eps)
-            y = hf * inv2[:, None] * _scale(wpre_ptr, cols, c_ok, HAS_WPRE, PLUS_ONE)
-            tl.store(y_ptr + row64 * syr + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+        _store_h_y(h, h_ptr + row64 * shr + cols[None, :], y_ptr + row64 * syr + cols[None, :], m, wpre_ptr, cols, c_ok,
+                   N, eps, HAS_WPRE, PLUS_ONE, WRITE_Y)
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor | None,
