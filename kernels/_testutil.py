@@ -103,3 +103,32 @@ def route_decode_as_cuda(monkeypatch) -> None:
     monkeypatch.setattr(linear_mod, "matmul", gemv_matmul)
     monkeypatch.setattr(model_mod, "matmul", gemv_matmul)
     monkeypatch.setattr(model_mod, "attend_cache", attend_cache_triton)
+
+
+def tiny_decode_setup(alias: str, seeds: tuple[int, int]):
+    """A random-weight tiny model on the CPU in fp32, a 20-token prompt and 9 draft tokens (seeded with
+    `seeds`), and two closures over them: `fresh_cache()` prefills the prompt into a new 64-slot cache,
+    `step(T, cache)` runs a T-position `forward_step` of the first T drafts right after the prompt.
+    Returns (model, arch, step, fresh_cache)."""
+    import torch
+
+    from engine.cache import KVCache
+    from engine.loader import load_model
+
+    lm = load_model(alias, device="cpu", dtype=torch.float32, random_weights=True)
+    model, arch = lm.model, lm.arch
+    window = arch.sliding_window
+    prompt = torch.randint(3, arch.vocab_size, (1, 20), generator=torch.Generator().manual_seed(seeds[0]))
+    drafts = torch.randint(3, arch.vocab_size, (1, 9), generator=torch.Generator().manual_seed(seeds[1]))
+    n = prompt.shape[1]
+
+    def step(T: int, cache: KVCache) -> torch.Tensor:
+        return model.forward_step(drafts[:, :T], (n + torch.arange(T))[None], cache, window)
+
+    def fresh_cache() -> KVCache:
+        cache = KVCache(arch, 1, 64, window, "cpu", torch.float32)
+        with torch.no_grad():
+            model.forward_fresh(prompt, torch.arange(n)[None], window, cache=cache, rows=torch.tensor([0]))
+        return cache
+
+    return model, arch, step, fresh_cache

@@ -98,23 +98,7 @@ def _route_as_cuda(monkeypatch, fused: bool, calls: dict[str, int]) -> None:
 
 def _steps(alias: str, monkeypatch, split_everywhere: bool):
     """(CPU reference decode, unfused kernel decode, fused kernel decode, fused verify row 0), fp32."""
-    from engine.cache import KVCache
-    from engine.loader import load_model
-
-    lm = load_model(alias, device="cpu", dtype=torch.float32, random_weights=True)
-    model, arch = lm.model, lm.arch
-    window = arch.sliding_window
-    prompt = torch.randint(3, arch.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
-    drafts = torch.randint(3, arch.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
-    n = prompt.shape[1]
-
-    def step(T: int, cache: KVCache) -> torch.Tensor:
-        return model.forward_step(drafts[:, :T], (n + torch.arange(T))[None], cache, window)
-
-    def fresh_cache() -> KVCache:
-        cache = KVCache(arch, 1, 64, window, "cpu", torch.float32)
-        model.forward_fresh(prompt, torch.arange(n)[None], window, cache=cache, rows=torch.tensor([0]))
-        return cache
+    model, arch, step, fresh_cache = _testutil.tiny_decode_setup(alias, (1, 2))
 
     with torch.no_grad():
         want = step(1, fresh_cache())

@@ -241,24 +241,7 @@ def _no_reference_norm(*args, **kwargs):
 
 
 def test_tiny_gemma4_decode_step_first_position_bitwise(monkeypatch):
-    from engine.cache import KVCache
-    from engine.loader import load_model
-
-    lm = load_model("tiny-gemma4", device="cpu", dtype=torch.float32, random_weights=True)
-    model, arch = lm.model, lm.arch
-    window = arch.sliding_window
-    prompt = torch.randint(3, arch.vocab_size, (1, 20), generator=torch.Generator().manual_seed(19))
-    drafts = torch.randint(3, arch.vocab_size, (1, 9), generator=torch.Generator().manual_seed(20))
-    n = prompt.shape[1]
-
-    def step(T: int, cache: KVCache) -> torch.Tensor:
-        return model.forward_step(drafts[:, :T], (n + torch.arange(T))[None], cache, window)
-
-    def fresh_cache() -> KVCache:
-        cache = KVCache(arch, 1, 64, window, "cpu", torch.float32)
-        with torch.no_grad():
-            model.forward_fresh(prompt, torch.arange(n)[None], window, cache=cache, rows=torch.tensor([0]))
-        return cache
+    model, arch, step, fresh_cache = _testutil.tiny_decode_setup("tiny-gemma4", (19, 20))
 
     with torch.no_grad():
         want = step(1, fresh_cache())  # the CPU reference path
