@@ -35,13 +35,12 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 PDL: bool = os.environ.get("VKAE_PDL", "1") != "0"
 # Triton gained the grid-dependency ops and the `launch_pdl` launch option in 3.4; older ones launch plainly.
 _TRITON_HAS_PDL: bool = HAS_TRITON and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
-_CAPABILITY: dict[int, tuple[int, int]] = {}
 FORCE_TRITON_ON_CPU: bool = INTERPRET and os.environ.get("VKAE_TRITON_INTERPRET_TESTS", "0") == "1"
 
 # H100 SXM has 132 SMs; used when no CUDA device is visible (interpreter) so that the
 # heuristics, and therefore the code paths the tests exercise, match the GPU.
 _DEFAULT_SMS = 132
-_SM_CACHE: dict[int, int] = {}
+_PROPS_CACHE: dict[int, object] = {}  # CUDA device index -> torch.cuda.get_device_properties
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -56,21 +55,24 @@ def pdl_flags(t: torch.Tensor) -> dict[str, bool]:
     and Triton's `launch_pdl` option, both on for CUDA devices of compute capability >= 9.0."""
     on = PDL and _TRITON_HAS_PDL and t.is_cuda and not INTERPRET
     if on:
-        idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        if idx not in _CAPABILITY:
-            _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
-        on = _CAPABILITY[idx] >= (9, 0)
+        props = _cuda_props(t.device)
+        on = (props.major, props.minor) >= (9, 0)
     return {"PDL": on, "launch_pdl": on}
+
+
+def _cuda_props(device: torch.device):
+    """torch.cuda.get_device_properties of a CUDA device (cached: launches ask on every call)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PROPS_CACHE:
+        _PROPS_CACHE[idx] = torch.cuda.get_device_properties(idx)
+    return _PROPS_CACHE[idx]
 
 
 def num_sms(device: torch.device) -> int:
     """Streaming-multiprocessor count of `device` (cached; a constant under the interpreter)."""
     if device.type != "cuda":
         return _DEFAULT_SMS
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_CACHE:
-        _SM_CACHE[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_CACHE[idx]
+    return _cuda_props(device).multi_processor_count
 
 
 def next_pow2(n: int) -> int:
