@@ -11,7 +11,8 @@ without Python launch cost, as a CUDA-graphed decode step sees it. "eager" is on
 (L2 flushed) and includes the Python launch overhead. Baselines: cuBLAS (F.linear) for gemv,
 SDPA with a boolean mask for attention, eager PyTorch for the norms. GB/s counts the bytes a
 kernel must move (weights + activations; for attention the K/V rows some query can see).
-`--sweep` instead times a grid of gemv block configurations (for retuning `gemv_config`).
+`--sweep` instead times a grid of gemv block configurations (for retuning `gemv_config`; `--stages 3,4,6`
+also tries those pipeline depths with every tile).
 A failing case is reported in the table and the run continues. The last stdout line is one
 JSON object with every result. A time budget (--budget-s) skips what would not fit.
 """
@@ -213,8 +214,9 @@ def norm_case(kind: str, R: int, N: int):
     return body
 
 
-def sweep_gemv() -> list[dict]:
-    """Time block configurations at the E4B shapes that matter; prints the best per shape."""
+def sweep_gemv(stages: tuple[int | None, ...] = (None,)) -> list[dict]:
+    """Time block configurations at the E4B shapes that matter; prints the best per shape. `stages`:
+    the software-pipeline depths to try with every tile (None: the heuristic's)."""
     out = []
     tiles = {1: [(bn, bk, nw) for bn in (16, 32, 64) for bk in (128, 256, 512) for nw in (4, 8)],
              8: [(bn, bk, nw) for bn in (32, 64, 128) for bk in (64, 128, 256) for nw in (4, 8)]}
@@ -236,8 +238,9 @@ def sweep_gemv() -> list[dict]:
                     print(f"  {cfg}: {type(e).__name__}", file=sys.stderr)
                     return float("inf")
             for bn, bk, nw in tiles[M]:
-                cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
-                res.append((t_of(cfg), cfg))
+                for ns in stages:
+                    cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, **({"num_stages": ns} if ns else {}))
+                    res.append((t_of(cfg), cfg))
             best_t, best = min(res, key=lambda r: r[0])
             for sk in (1, 2, 4, 8, 16, 32):
                 cfg = dict(best, SPLIT_K=sk)
@@ -259,6 +262,7 @@ def main() -> int:
     ap.add_argument("--only", default="gemv,attn,norm", help="comma-separated subset of gemv,attn,norm")
     ap.add_argument("--budget-s", type=float, default=270.0, help="skip remaining cases after this")
     ap.add_argument("--sweep", action="store_true", help="time gemv block configs instead")
+    ap.add_argument("--stages", default="", help="with --sweep: comma-separated num_stages to try with every tile")
     args = ap.parse_args()
     only = set(args.only.split(","))
     t0 = time.time()
@@ -268,7 +272,8 @@ def main() -> int:
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}, torch {torch.__version__}", flush=True)
     if args.sweep:
-        print(json.dumps({"device": dev, "sweep": sweep_gemv()}))
+        stages = tuple(int(n) for n in args.stages.split(",") if n.strip()) or (None,)
+        print(json.dumps({"device": dev, "sweep": sweep_gemv(stages)}))
         return 0
 
     cases = []

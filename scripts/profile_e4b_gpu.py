@@ -1,6 +1,6 @@
 """Where the batch-1 time goes at E4B geometry (RANDOM bf16 weights) on one CUDA GPU.
 
-    python scripts/profile_e4b_gpu.py [--prompt 256] [--attn] [--gemv]
+    python scripts/profile_e4b_gpu.py [--prompt 256] [--attn]
 
 0. A/B: PDL on vs off (graphed decode step, bitwise check, end-to-end TPS) and graph vs eager prefill;
 1. prefill of a `--prompt`-token prompt: wall time (median of 5) next to the GPU time of its kernels
@@ -8,8 +8,8 @@
 2. the decode step: CUDA-graph step time and every kernel of one eager step grouped by name
    (share, microseconds per step, calls per step), plus the kernel sequence of one layer;
 3. with `--attn`: the decode attention kernel at E4B's two cache geometries over split counts and
-   tiles, CUDA-graphed over enough cache copies to stream from HBM (as a decode step sees it);
-4. with `--gemv`: tiles of the row-invariant GEMV at the decode step's weight shapes, same timing.
+   tiles, CUDA-graphed over enough cache copies to stream from HBM (as a decode step sees it).
+GEMV tiles: `scripts/bench_kernels.py --sweep [--stages 3,4,6]`.
 Prints tables and ends with one JSON line.
 """
 from __future__ import annotations
@@ -36,18 +36,25 @@ def _cuda_us(e) -> float:
     return float(getattr(e, "self_device_time_total", 0) or 0)
 
 
-def profile_prefill(gen: Generator, prompt: list[int], reps: int = 5) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(2):
+def prefill_wall_ms(gen: Generator, prompt: list[int], warmup: int, reps: int = 5) -> tuple[float, torch.Tensor]:
+    """Median wall milliseconds of `reps` prefills of `prompt` into row 0 after `warmup` untimed ones, and
+    the last prefill's returned hidden state."""
+    for _ in range(warmup):
         gen.prefill(prompt, 0)
     walls = []
     for _ in range(reps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        gen.prefill(prompt, 0)
+        h = gen.prefill(prompt, 0)
         torch.cuda.synchronize()
         walls.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(walls), h
+
+
+def profile_prefill(gen: Generator, prompt: list[int]) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    wall_ms, _ = prefill_wall_ms(gen, prompt, warmup=2)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         gen.prefill(prompt, 0)
         torch.cuda.synchronize()
@@ -56,7 +63,7 @@ def profile_prefill(gen: Generator, prompt: list[int], reps: int = 5) -> dict:
     gpu_us = sum(_cuda_us(e) for e in kernels)
     top_gpu = sorted(kernels, key=lambda e: -_cuda_us(e))[:10]
     top_cpu = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:12]
-    return {"prefill_wall_ms": statistics.median(walls), "prefill_gpu_kernel_ms": gpu_us / 1e3,
+    return {"prefill_wall_ms": wall_ms, "prefill_gpu_kernel_ms": gpu_us / 1e3,
             "prefill_kernel_launches": sum(e.count for e in kernels),
             "top_gpu": [(e.key[:60], round(_cuda_us(e) / 1e3, 3), e.count) for e in top_gpu],
             "top_cpu": [(e.key[:60], round(e.self_cpu_time_total / 1e3, 3), e.count) for e in top_cpu]}
@@ -122,41 +129,6 @@ def sweep_attention() -> list[dict]:
     return rows
 
 
-def sweep_gemv() -> list[dict]:
-    """Tiles of the row-invariant GEMV (BLOCK_M 16, tensor cores) for the weights of every decode step."""
-    from bench_kernels import bench_graphed, copies_for
-    from kernels.gemv import linear_small_m_triton
-
-    shapes = [("gate_up", 20480, 2560), ("down", 2560, 10240), ("qkv_sliding", 3072, 2560), ("o_sliding", 2560, 2048),
-              ("lm_head", 262144, 2560)]
-    configs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
-               for bn in (16, 32, 64) for bk in (128, 256) for nw in (4, 8) for ns in (3, 4, 6)
-               if not (bn == 64 and bk == 256 and ns == 6)]
-    rows = []
-    for name, N, K in shapes:
-        w = (torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16)
-        x = torch.randn(1, K, device="cuda").to(torch.bfloat16)
-        sets = [(x, w)] + [(x.clone(), w.clone()) for _ in range(copies_for(2 * N * K, 16) - 1)]
-        base = bench_graphed(linear_small_m_triton, sets)
-        results = []
-        for cfg in configs if name != "lm_head" else configs[::3]:
-            try:
-                t = bench_graphed(lambda a, b, cfg=cfg: linear_small_m_triton(a, b, config=cfg), sets)
-            except Exception as e:  # a tile may not compile
-                t = float("inf")
-            results.append((t, cfg))
-        best_t, best = min(results, key=lambda r: r[0])
-        row = {"shape": name, "heuristic_us": base, "heuristic_gbps": 2 * N * K / base / 1e3, "best_us": best_t,
-               "best_gbps": 2 * N * K / best_t / 1e3, "best": best,
-               "top5": [(round(t, 2), c) for t, c in sorted(results, key=lambda r: r[0])[:5]]}
-        print(f"gemv {name:<12} heuristic {base:7.2f} us ({row['heuristic_gbps']:.0f} GB/s)  best {best_t:7.2f} us "
-              f"({row['best_gbps']:.0f} GB/s) {best}", flush=True)
-        rows.append(row)
-        del sets, w
-        torch.cuda.empty_cache()
-    return rows
-
-
 def ab_pdl_and_prefill(lm, prompt: list[int], rounds: int = 5) -> dict:
     """PDL on vs off (each with its own Generator: graphs keep the launches they were captured with):
     graphed decode-step time, alternating round by round, and the step's hidden state, which must be
@@ -216,15 +188,8 @@ def _ab_prefill(lm, g: Generator, prompt: list[int]) -> dict:
     walls, last = {}, {}
     for mode in ("eager", "graph"):
         g.prefill_graphs = mode == "graph"
-        g.prefill(prompt, 0)
-        ts = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            h = g.prefill(prompt, 0)
-            torch.cuda.synchronize()
-            ts.append(1e3 * (time.perf_counter() - t0))
-        walls[mode], last[mode] = statistics.median(ts), h.float()
+        walls[mode], h = prefill_wall_ms(g, prompt, warmup=1)
+        last[mode] = h.float()
     g.prefill_graphs = True
     return dict(prefill_eager_ms=walls["eager"], prefill_graph_ms=walls["graph"],
                prefill_last_hidden_max_abs_diff=(last["eager"] - last["graph"]).abs().max().item(),
@@ -236,7 +201,6 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--attn", action="store_true")
-    ap.add_argument("--gemv", action="store_true")
     ap.add_argument("--ab-only", action="store_true", help="only the PDL / prefill-graph A/B")
     args = ap.parse_args()
     res: dict = {"weights": "random", "geometry": "gemma-4-e4b", "gpu": torch.cuda.get_device_name(0)}
@@ -266,8 +230,6 @@ def main() -> int:
     print("one step's first kernels:", s["sequence_head"])
     if args.attn:
         res["attention"] = sweep_attention()
-    if args.gemv:
-        res["gemv"] = sweep_gemv()
     print(json.dumps(res))
     return 0
 
