@@ -143,6 +143,10 @@ class Generator:
         self.prefill_graphs = self.use_graphs  # benchmarks flip it for an eager A/B
         self._prefill_graphs: dict[int, PrefillGraph] = {}  # bucket length -> captured prefill
         self._prefill_pool: Any = None  # one memory pool for all prefill graphs (they never run at once)
+        if self.device.type == "cuda":  # the GEMVs' L2 prefetch follows the step's weight order
+            from kernels.l2_prefetch import register_stream
+
+            register_stream(self.model.decode_weight_order())
 
     # ---- steps -------------------------------------------------------------------------
     def _step_eager(self, tokens: torch.Tensor, positions: torch.Tensor,

@@ -140,6 +140,17 @@ class GemmaDecoder(nn.Module):
         return fused_tail.proj_sandwich(layer.down, a, h, n["post_feedforward_layernorm"], w_next, layer.layer_scalar,
                                         eps, plus_one)
 
+    def decode_weight_order(self) -> list[torch.Tensor]:
+        """The projection weights in the order a decode step reads them (one GEMV each): the PLE model
+        projection, then per layer q/k/v, o, gate+up, down, PLE gate, PLE projection; the LM head last.
+        `kernels.l2_prefetch` prefetches along this order."""
+        out = [self.ple_model_proj.weight] if self.arch.ple_dim else []
+        for layer in self.layers:
+            out += [layer.qkv.weight, layer.o_proj.weight, layer.gate_up.weight, layer.down.weight]
+            if layer.has_ple:
+                out += [layer.ple_gate.weight, layer.ple_proj.weight]
+        return out + [self.lm_head]
+
     def _next_norm(self, i: int) -> torch.Tensor:
         return self.layers[i + 1].norms["input_layernorm"] if i + 1 < len(self.layers) else self.final_norm
 

@@ -15,10 +15,12 @@ waits for the previous kernel: W must be a weight, never a tensor a preceding ke
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from . import invariance
+from . import invariance, l2_prefetch
 from ._common import HAS_TRITON, INTERPRET, cdiv, next_pow2, num_sms, pdl_flags, tl, triton, use_triton
 
 MAX_M = 16
@@ -34,6 +36,9 @@ BATCH_INVARIANT: bool | None = None
 # Weight tiles each GEMV program requests before its PDL wait (`_gemv_acc`); read at launch (A/B runs).
 # H100, E4B decode step with PDL: 1 tile 4.788 ms, 2 tiles 4.756 ms (bitwise equal results).
 PREFETCH_TILES = 2
+# L2 eviction priority of the weight loads ("" = the default, "evict_first": a weight line is dead once
+# read, so it goes before the lines `kernels.l2_prefetch` brought in for the next GEMVs). Read at launch.
+WEIGHT_EVICTION = os.environ.get("VKAE_WEIGHT_EVICTION", "")
 
 
 def batch_invariant() -> bool:
@@ -53,13 +58,15 @@ def linear_small_m_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
     from ._common import pdl_wait
+    from .l2_prefetch import prefetch_segments
 
     @triton.jit
-    def _w_tile(w_rows, offs_k, k_end, swk, EVEN_K: tl.constexpr):
+    def _w_tile(w_rows, offs_k, k_end, swk, EVEN_K: tl.constexpr, W_EVICT: tl.constexpr):
         if EVEN_K:
-            w = tl.load(w_rows + offs_k[None, :] * swk)
+            w = tl.load(w_rows + offs_k[None, :] * swk, eviction_policy=W_EVICT)
         else:
-            w = tl.load(w_rows + offs_k[None, :] * swk, mask=offs_k[None, :] < k_end, other=0.0)
+            w = tl.load(w_rows + offs_k[None, :] * swk, mask=offs_k[None, :] < k_end, other=0.0,
+                        eviction_policy=W_EVICT)
         return w
 
     @triton.jit
@@ -81,7 +88,7 @@ if HAS_TRITON:
     def _gemv_acc(x_ptr, w_rows, M, k_start, k_end, sxm, sxk, swk,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-                  PREFETCH: tl.constexpr):
+                  PREFETCH: tl.constexpr, W_EVICT: tl.constexpr):
         """fp32 partial sums of x[:, k_start:k_end] @ w_rows[:, k_start:k_end].T: [BLOCK_M, BLOCK_N]
         with USE_DOT, else [BLOCK_N] (M == 1). `w_rows` [BLOCK_N, 1] pointers to the weight rows this
         program owns (shared by `_gemv_kernel` and the fused-epilogue kernels of `kernels.gemv_epilogue`,
@@ -96,10 +103,11 @@ if HAS_TRITON:
         else:
             acc = tl.zeros([BLOCK_N], tl.float32)
         offs_k = k_start + tl.arange(0, BLOCK_K)
-        w = _w_tile(w_rows, offs_k, k_end, swk, EVEN_K)
+        w = _w_tile(w_rows, offs_k, k_end, swk, EVEN_K, W_EVICT)
         offs_k2 = offs_k + BLOCK_K
         if PREFETCH == 2:
-            w2 = tl.load(w_rows + offs_k2[None, :] * swk, mask=offs_k2[None, :] < k_end, other=0.0)
+            w2 = tl.load(w_rows + offs_k2[None, :] * swk, mask=offs_k2[None, :] < k_end, other=0.0,
+                         eviction_policy=W_EVICT)
         pdl_wait(PDL)
         acc = _acc_tile(acc, w, x_ptr, offs_m, m_ok, offs_k, k_end, sxm, sxk, USE_DOT, DOT_FP32)
         start = k_start + BLOCK_K
@@ -108,15 +116,19 @@ if HAS_TRITON:
             start += BLOCK_K
         for k0 in range(start, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            w = _w_tile(w_rows, offs_k, k_end, swk, EVEN_K)
+            w = _w_tile(w_rows, offs_k, k_end, swk, EVEN_K, W_EVICT)
             acc = _acc_tile(acc, w, x_ptr, offs_m, m_ok, offs_k, k_end, sxm, sxk, USE_DOT, DOT_FP32)
         return acc
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, sxm, sxk, swn, swk, sym, syn, k_per_split,
+                     pf_a0, pf_n0, pf_a1, pf_n1, pf_a2, pf_n2, pf_a3, pf_n3,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-                     EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                     EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, W_EVICT: tl.constexpr,
+                     PF_SEGS: tl.constexpr, PF_AT_END: tl.constexpr):
+        if not PF_AT_END:  # the next weights of the stream (`kernels.l2_prefetch`), before the PDL wait
+            prefetch_segments(pf_a0, pf_n0, pf_a1, pf_n1, pf_a2, pf_n2, pf_a3, pf_n3, PF_SEGS)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -129,7 +141,9 @@ if HAS_TRITON:
         # along K (vectorised 16-byte loads); their results are dropped at the store.
         w_rows = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * swn
         acc = _gemv_acc(x_ptr, w_rows, M, k_start, k_end, sxm, sxk, swk,
-                        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K, PDL, PREFETCH)
+                        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K, PDL, PREFETCH, W_EVICT)
+        if PF_AT_END:
+            prefetch_segments(pf_a0, pf_n0, pf_a1, pf_n1, pf_a2, pf_n2, pf_a3, pf_n3, PF_SEGS)
         if USE_DOT:
             out = acc
             rows = offs_m[:, None]
@@ -210,7 +224,8 @@ def kernel_flags(x: torch.Tensor, w: torch.Tensor, cfg: dict[str, int]) -> dict[
     dot_fp32 = (x.dtype != w.dtype or w.dtype == torch.float32
                 or (INTERPRET and w.dtype == torch.bfloat16))
     even_k = x.shape[1] % cfg["BLOCK_K"] == 0 and cfg["k_per_split"] % cfg["BLOCK_K"] == 0
-    return dict(USE_DOT=cfg["BLOCK_M"] > 1, DOT_FP32=dot_fp32, EVEN_K=even_k, PREFETCH=PREFETCH_TILES)
+    return dict(USE_DOT=cfg["BLOCK_M"] > 1, DOT_FP32=dot_fp32, EVEN_K=even_k, PREFETCH=PREFETCH_TILES,
+                W_EVICT="" if INTERPRET else WEIGHT_EVICTION, **l2_prefetch.launch_args(w))
 
 
 def launch_gemv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, part: torch.Tensor, cfg: dict[str, int]) -> None:

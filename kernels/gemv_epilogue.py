@@ -53,6 +53,7 @@ def linear_gelu_gate_ref(x: torch.Tensor, w: torch.Tensor, other: torch.Tensor) 
 if HAS_TRITON:
     from ._common import pdl_wait
     from .gemv import _gemv_acc
+    from .l2_prefetch import prefetch_segments
 
     @triton.jit
     def _gelu_tanh(g):
@@ -75,14 +76,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv_act_kernel(x_ptr, w_ptr, o_ptr, y_ptr, part_ptr, M, NY, K, sxm, sxk, swn, swk, som, son,
-                         sym, syn, k_per_split,
+                         sym, syn, k_per_split, pf_a0, pf_n0, pf_a1, pf_n1, pf_a2, pf_n2, pf_a3, pf_n3,
                          GEGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
                          DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-                         PREFETCH: tl.constexpr):
+                         PREFETCH: tl.constexpr, W_EVICT: tl.constexpr, PF_SEGS: tl.constexpr,
+                         PF_AT_END: tl.constexpr):
         """NY output columns. GEGLU: program p owns columns p*BLOCK_N/2 .. +BLOCK_N/2; tile row 2i is
         gate row c_i, row 2i+1 is up row NY + c_i. Gate-mul: BLOCK_N columns, one weight row each.
-        SPLIT_K > 1: fp32 partials into part [SPLIT_K, M, weight rows] (column = weight row)."""
+        SPLIT_K > 1: fp32 partials into part [SPLIT_K, M, weight rows] (column = weight row).
+        PF_*: the L2 prefetch of the next weights (`kernels.l2_prefetch`), as in `kernels.gemv._gemv_kernel`."""
+        if not PF_AT_END:
+            prefetch_segments(pf_a0, pf_n0, pf_a1, pf_n1, pf_a2, pf_n2, pf_a3, pf_n3, PF_SEGS)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         r = tl.arange(0, BLOCK_N)
@@ -98,7 +103,9 @@ if HAS_TRITON:
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
         acc = _gemv_acc(x_ptr, w_rows, M, k_start, k_end, sxm, sxk, swk,
-                        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K, PDL, PREFETCH)
+                        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K, PDL, PREFETCH, W_EVICT)
+        if PF_AT_END:
+            prefetch_segments(pf_a0, pf_n0, pf_a1, pf_n1, pf_a2, pf_n2, pf_a3, pf_n3, PF_SEGS)
         if USE_DOT:
             rows = tl.arange(0, BLOCK_M)[:, None]
         else:  # M == 1, CUDA-core path (BLOCK_M == 1)

@@ -38,17 +38,25 @@ def _compile_all() -> int:
         src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
         kernel = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": 4})
         assert kernel.asm.get("cubin"), fn.__name__
+        ptx = kernel.asm["ptx"]
         # PDL (programmatic dependent launch): the wait must be in the code exactly when asked for
-        assert ("griddepcontrol.wait" in kernel.asm["ptx"]) == consts["PDL"], fn.__name__
+        assert ("griddepcontrol.wait" in ptx) == consts["PDL"], fn.__name__
+        # the L2 prefetch of the next weights (kernels.l2_prefetch): one bulk prefetch per segment asked for
+        assert ptx.count("cp.async.bulk.prefetch.L2.global") == consts.get("PF_SEGS", 0), fn.__name__
+        if consts.get("W_EVICT") == "evict_first":
+            assert "evict_first" in ptx, fn.__name__
 
     i32 = "i32"
     strides = {k: i32 for k in ("M", "K", "sxm", "sxk", "swn", "swk", "sym", "syn", "k_per_split")}
+    strides.update({f"pf_{x}{k}": ("i64" if x == "a" else i32) for k in range(4) for x in "an"})
     # (BLOCK_M, BLOCK_N, BLOCK_K): the row-invariant tensor-core tile, and the M == 1 CUDA-core path
     tiles = ((16, 32, 128), (1, 16, 256))
     for split in (1, 4):
         for bm, bn, bk in tiles:
             flags = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=bm > 1, DOT_FP32=False,
-                         EVEN_K=True, PDL=split > 1, PREFETCH=2 if split > 1 else 1)  # each variant, no doubling
+                         EVEN_K=True, PDL=split > 1, PREFETCH=2 if split > 1 else 1,  # each variant, no doubling
+                         W_EVICT="evict_first" if split > 1 else "", PF_SEGS=3 if split > 1 else 0,
+                         PF_AT_END=bm == 1)
             build(gv._gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
                                     "N": i32, **strides}, flags)
             for geglu in (True, False):
