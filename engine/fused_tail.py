@@ -27,6 +27,10 @@ from . import ops
 from .linear import Linear
 
 FUSED_EPILOGUES: bool = os.environ.get("VKAE_FUSED_EPILOGUES", "1") != "0"
+# The q/k/v projection's epilogue (q norm + RoPE, K/V norms + RoPE + cache write) reading the GEMV's split-K
+# partials in one launch (`kernels.head_norm.linear_qkv_heads_triton`): 4 launches -> 2 per layer. Needs
+# FUSED_EPILOGUES too; its own switch (env VKAE_FUSED_QKV) for the A/B. Read at call time.
+FUSED_QKV: bool = os.environ.get("VKAE_FUSED_QKV", "1") != "0"
 
 
 def fusable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -41,6 +45,30 @@ def fusable(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
+
+
+def proj_qkv_heads(lin: Linear, x: torch.Tensor, num_heads: int, kv_heads: int, head_dim: int,
+                   q_norm: torch.Tensor, k_norm: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                   kv: tuple | None, eps: float, plus_one: bool, v_norm: bool, k_eq_v: bool) -> torch.Tensor:
+    """The fused [q; k; v] projection of x [B, T, K] -> q [B, T, H, D] after its norm and RoPE; with
+    kv = (k_cache, v_cache, slot_pos, rows, slots, pos32) also the K/V norms, RoPE and cache write of
+    `ops.write_kv` (k = v's raw projection when k_eq_v). kv None: a layer that reads another's cache."""
+    if FUSED_QKV and fusable(x, lin.weight):
+        from kernels.head_norm import linear_qkv_heads_triton
+
+        return linear_qkv_heads_triton(x, lin.weight, num_heads, kv_heads, head_dim, q_norm,
+                                       k_norm if kv is not None else None, cos, sin, kv, eps, plus_one, v_norm,
+                                       k_eq_v)
+    B, T, _ = x.shape
+    y = lin(x)
+    k_col = num_heads * head_dim
+    q = ops.norm_rope(y[..., :k_col].view(B, T, num_heads, head_dim), q_norm, cos, sin, eps, plus_one)
+    if kv is not None:
+        v_col = k_col if k_eq_v else k_col + kv_heads * head_dim
+        k_raw = y[..., k_col:k_col + kv_heads * head_dim].view(B, T, kv_heads, head_dim)
+        v_raw = y[..., v_col:v_col + kv_heads * head_dim].view(B, T, kv_heads, head_dim)
+        ops.write_kv(k_raw, v_raw, k_norm, cos, sin, *kv, eps, plus_one, v_norm)
+    return q
 
 
 def proj_sandwich(lin: Linear, x: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor,

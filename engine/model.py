@@ -238,10 +238,10 @@ class GemmaDecoder(nn.Module):
         for layer in self.layers:
             cos, sin = rope[layer.layer_type]
             lc = cache.layers[layer.source]
-            q, k_raw, v_raw = self._project(layer, x, cos, sin)
-            if layer.owns_kv:
-                ops.write_kv(k_raw, v_raw, layer.k_norm, cos, sin, lc.k, lc.v, lc.slot_pos, rows,
-                             slots[(lc.ring, lc.slots)], pos32, eps, plus_one, self.arch.has_v_norm)
+            kv = (lc.k, lc.v, lc.slot_pos, rows, slots[(lc.ring, lc.slots)], pos32) if layer.owns_kv else None
+            q = fused_tail.proj_qkv_heads(layer.qkv, x, layer.num_heads, layer.kv_heads, layer.head_dim, layer.q_norm,
+                                          layer.k_norm, cos, sin, kv, eps, plus_one, self.arch.has_v_norm,
+                                          layer.k_eq_v)
             o = attend_cache(q, lc, pos32, self._window(layer, window), self.arch.attn_scale,
                              self.arch.attn_softcap)
             h, x = self._layer_tail(layer, h, o.reshape(B, T, -1), per_layer, self._next_norm(layer.index))

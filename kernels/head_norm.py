@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, next_pow2, pdl_flags, tl, triton
+from ._common import HAS_TRITON, next_pow2, pdl_flags, tl, tl_dtype, triton
 from .rmsnorm import rmsnorm_ref
 
 
@@ -51,7 +51,22 @@ if HAS_TRITON:
     from ._common import pdl_wait
 
     @triton.jit
-    def _weighted(xv, x_row, w_ptr, idx, ok, inv, HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr):
+    def _load_head(src_row, idx, ok, split_stride, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+                   X_DTYPE: tl.constexpr):
+        """fp32 values of one head row at columns `idx`. SPLIT == 0: `src_row` points into the projection's
+        output (x's dtype). SPLIT >= 1: into fp32 split-K partials (`split_stride` apart), summed in the
+        fixed order of `kernels.gemv._splitk_reduce_kernel` and rounded to x's dtype as that kernel
+        stores them, so the fused q/k/v epilogue reads exactly what the unfused path would have."""
+        if SPLIT == 0:
+            return tl.load(src_row + idx, mask=ok, other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_D], tl.float32)
+            for s in tl.static_range(SPLIT):
+                acc += tl.load(src_row + s * split_stride + idx, mask=ok, other=0.0)
+            return acc.to(X_DTYPE).to(tl.float32)
+
+    @triton.jit
+    def _weighted(xv, w_ptr, idx, ok, inv, HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr, X_DTYPE: tl.constexpr):
         """Loaded fp32 values `xv` (at columns `idx`) times the row's `inv`, weighted, and rounded
         through x's dtype as the reference casts the norm's output back. Returns fp32."""
         n = xv * inv
@@ -60,24 +75,26 @@ if HAS_TRITON:
             if PLUS_ONE:
                 w = 1.0 + w
             n = n * w
-        return n.to(x_row.dtype.element_ty).to(tl.float32)
+        return n.to(X_DTYPE).to(tl.float32)
 
     @triton.jit
     def _normed_head(x_row, w_ptr, cs_row, sn_row, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr, ROPE: tl.constexpr):
-        """One head: norm (fp32, cast to x's dtype), then optionally RoPE in fp32. Returns fp32."""
+                     HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr, ROPE: tl.constexpr,
+                     split_stride, SPLIT: tl.constexpr, XD: tl.constexpr):
+        """One head: norm (fp32, cast to x's dtype XD), then optionally RoPE in fp32. Returns fp32.
+        The row is read through `_load_head` (split_stride, SPLIT: see there)."""
         cols = tl.arange(0, BLOCK_D)
         c_ok = cols < D
-        x = tl.load(x_row + cols, mask=c_ok, other=0.0).to(tl.float32)
+        x = _load_head(x_row, cols, c_ok, split_stride, BLOCK_D, SPLIT, XD)
         inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        n = _weighted(x, x_row, w_ptr, cols, c_ok, inv, HAS_W, PLUS_ONE)
+        n = _weighted(x, w_ptr, cols, c_ok, inv, HAS_W, PLUS_ONE, XD)
         if ROPE:
             # rotate_half: out[i] = n[i]*cos[i] - n[i+D/2]*sin[i] (i < D/2), n[i]*cos[i] + n[i-D/2]*sin[i].
             # The partner element is re-read and re-normed (same inv, same weight) rather than
             # shuffled across threads: D is small and the row is already in L1.
             rcols = tl.where(cols < D // 2, cols + D // 2, cols - D // 2)
-            xr = tl.load(x_row + rcols, mask=c_ok, other=0.0).to(tl.float32)
-            nr = _weighted(xr, x_row, w_ptr, rcols, c_ok, inv, HAS_W, PLUS_ONE)
+            xr = _load_head(x_row, rcols, c_ok, split_stride, BLOCK_D, SPLIT, XD)
+            nr = _weighted(xr, w_ptr, rcols, c_ok, inv, HAS_W, PLUS_ONE, XD)
             rot = tl.where(cols < D // 2, -nr, nr)
             c = tl.load(cs_row + cols, mask=c_ok, other=0.0).to(tl.float32)
             s = tl.load(sn_row + cols, mask=c_ok, other=0.0).to(tl.float32)
@@ -92,7 +109,7 @@ if HAS_TRITON:
         r = tl.program_id(0).to(tl.int64)  # position (merged leading dims)
         h = tl.program_id(1)
         y = _normed_head(x_ptr + r * sxr + h * sxh, w_ptr, cos_ptr + r * scr, sin_ptr + r * ssr, eps,
-                         D, BLOCK_D, HAS_W, PLUS_ONE, ROPE)
+                         D, BLOCK_D, HAS_W, PLUS_ONE, ROPE, 0, 0, x_ptr.dtype.element_ty)
         cols = tl.arange(0, BLOCK_D)
         tl.store(y_ptr + r * syr + h * syh + cols, y.to(y_ptr.dtype.element_ty), mask=cols < D)
 
@@ -114,17 +131,62 @@ if HAS_TRITON:
         cols = tl.arange(0, BLOCK_D)
         c_ok = cols < D
         k = _normed_head(k_ptr + r64 * skr + h * skh, w_ptr, cos_ptr + r64 * scr, sin_ptr + r64 * ssr, eps,
-                         D, BLOCK_D, True, PLUS_ONE, True)
+                         D, BLOCK_D, True, PLUS_ONE, True, 0, 0, k_ptr.dtype.element_ty)
         tl.store(kc_ptr + row * skcb + h * skch + slot * skcs + cols, k.to(kc_ptr.dtype.element_ty), mask=c_ok)
         v_row = v_ptr + r64 * svr + h * svh
         if V_NORM:
-            v = _normed_head(v_row, w_ptr, cos_ptr, sin_ptr, eps, D, BLOCK_D, False, False, False)
+            v = _normed_head(v_row, w_ptr, cos_ptr, sin_ptr, eps, D, BLOCK_D, False, False, False, 0, 0,
+                             v_ptr.dtype.element_ty)
         else:
             v = tl.load(v_row + cols, mask=c_ok, other=0.0)
         tl.store(vc_ptr + row * svcb + h * svch + slot * svcs + cols, v.to(vc_ptr.dtype.element_ty), mask=c_ok)
         if h == 0:  # one writer per position; padding positions all hit the trash slot with -1
             pos = tl.load(pos_ptr + b * spb + t * spt)
             tl.store(sp_ptr + row * sspb + slot * ssps, pos.to(sp_ptr.dtype.element_ty))
+
+
+    @triton.jit
+    def _qkv_heads_kernel(src_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, sp_ptr,
+                          rows_ptr, slots_ptr, pos_ptr, T, HQ, k_col, v_col, s_split, s_row,
+                          scr, ssr, sqr, sqh, skcb, skch, skcs, svcb, svch, svcs, sspb, ssps,
+                          srb, srt, slb, slt, spb, spt, eps,
+                          D: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, XD: tl.constexpr,
+                          PLUS_ONE: tl.constexpr, V_NORM: tl.constexpr, PDL: tl.constexpr):
+        """The fused QKV projection's epilogue in one launch: program (position, h) takes q head h (h < HQ:
+        norm + RoPE into q) or kv head h - HQ (k norm + RoPE, v norm, cache write: `_write_kv_kernel`),
+        reading the projection's split-K partials directly (`_load_head`) instead of a reduced copy."""
+        pdl_wait(PDL)
+        r = tl.program_id(0)  # position b * T + t
+        h = tl.program_id(1)
+        r64 = r.to(tl.int64)
+        src_row = src_ptr + r64 * s_row
+        cs_row = cos_ptr + r64 * scr
+        sn_row = sin_ptr + r64 * ssr
+        cols = tl.arange(0, BLOCK_D)
+        c_ok = cols < D
+        if h < HQ:
+            q = _normed_head(src_row + h * D, qw_ptr, cs_row, sn_row, eps, D, BLOCK_D, True, PLUS_ONE, True,
+                             s_split, SPLIT, XD)
+            tl.store(q_ptr + r64 * sqr + h * sqh + cols, q.to(q_ptr.dtype.element_ty), mask=c_ok)
+        else:
+            hk = h - HQ
+            b = r // T
+            t = r % T
+            row = tl.load(rows_ptr + b * srb + t * srt).to(tl.int64)
+            slot = tl.load(slots_ptr + b * slb + t * slt).to(tl.int64)
+            k = _normed_head(src_row + k_col + hk * D, kw_ptr, cs_row, sn_row, eps, D, BLOCK_D, True, PLUS_ONE,
+                             True, s_split, SPLIT, XD)
+            tl.store(kc_ptr + row * skcb + hk * skch + slot * skcs + cols, k.to(kc_ptr.dtype.element_ty), mask=c_ok)
+            v_row = src_row + v_col + hk * D
+            if V_NORM:
+                v = _normed_head(v_row, kw_ptr, cs_row, sn_row, eps, D, BLOCK_D, False, False, False,
+                                 s_split, SPLIT, XD)
+            else:
+                v = _load_head(v_row, cols, c_ok, s_split, BLOCK_D, SPLIT, XD)
+            tl.store(vc_ptr + row * svcb + hk * svch + slot * svcs + cols, v.to(vc_ptr.dtype.element_ty), mask=c_ok)
+            if hk == 0:  # one writer per position, as in _write_kv_kernel
+                pos = tl.load(pos_ptr + b * spb + t * spt)
+                tl.store(sp_ptr + row * sspb + slot * ssps, pos.to(sp_ptr.dtype.element_ty))
 
 
 def _warps(D: int) -> int:
@@ -206,4 +268,97 @@ def write_kv_triton(k_raw: torch.Tensor, v_raw: torch.Tensor, k_weight: torch.Te
         num_warps=_warps(D), **pdl_flags(k3))
 
 
-__all__ = ["head_norm_ref", "head_norm_triton", "write_kv_ref", "write_kv_triton"]
+def _qkv_shapes(x: torch.Tensor, w: torch.Tensor, num_heads: int, kv_heads: int, head_dim: int,
+                has_kv: bool, k_eq_v: bool) -> tuple[int, int]:
+    """Check the fused [q; k; v] weight against the head geometry; (k column, v column) of its output."""
+    if x.dim() != 3 or w.dim() != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"need x [B, T, K] and w [N, K]; got {tuple(x.shape)} and {tuple(w.shape)}")
+    k_col = num_heads * head_dim
+    v_col = k_col if k_eq_v else k_col + kv_heads * head_dim
+    n = (v_col + kv_heads * head_dim) if has_kv else k_col
+    if w.shape[0] != n:
+        raise ValueError(f"weight has {w.shape[0]} rows; {num_heads} q heads"
+                         + (f" + {kv_heads} kv heads{' (k = v)' if k_eq_v else ''}" if has_kv else "")
+                         + f" of {head_dim} need {n}")
+    return k_col, v_col
+
+
+def linear_qkv_heads_ref(x: torch.Tensor, w: torch.Tensor, num_heads: int, kv_heads: int, head_dim: int,
+                         q_weight: torch.Tensor, k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                         kv: tuple | None, eps: float, plus_one: bool, v_norm: bool, k_eq_v: bool) -> torch.Tensor:
+    """The unfused composition: projection (rounded to x's dtype), q norm + RoPE, and with `k_weight`
+    the K/V write of `write_kv_ref`. kv = (k_cache, v_cache, slot_pos, rows, slots, pos32)."""
+    from .gemv import linear_small_m_ref
+
+    B, T, _ = x.shape
+    k_col, v_col = _qkv_shapes(x, w, num_heads, kv_heads, head_dim, k_weight is not None, k_eq_v)
+    y = linear_small_m_ref(x.reshape(B * T, -1), w).view(B, T, -1)
+    q = head_norm_ref(y[..., :k_col].view(B, T, num_heads, head_dim), q_weight, eps, plus_one, cos, sin)
+    if k_weight is not None:
+        k_raw = y[..., k_col:k_col + kv_heads * head_dim].view(B, T, kv_heads, head_dim)
+        v_raw = y[..., v_col:v_col + kv_heads * head_dim].view(B, T, kv_heads, head_dim)
+        write_kv_ref(k_raw, v_raw, k_weight, cos, sin, *kv, eps, plus_one, v_norm)
+    return q
+
+
+def linear_qkv_heads_triton(x: torch.Tensor, w: torch.Tensor, num_heads: int, kv_heads: int, head_dim: int,
+                            q_weight: torch.Tensor, k_weight: torch.Tensor | None, cos: torch.Tensor,
+                            sin: torch.Tensor, kv: tuple | None, eps: float, plus_one: bool, v_norm: bool,
+                            k_eq_v: bool, split_k: int | None = None, block_k: int | None = None) -> torch.Tensor:
+    """`linear_qkv_heads_ref` for decode widths (B * T <= 16) in two launches instead of four: the q/k/v GEMV,
+    then one epilogue over every q and kv head that reads its split-K partials (no reduction kernel) and
+    writes q [B, T, H, D] and the cache. `k_weight` None: a layer that reads another layer's cache (q only).
+    `split_k` / `block_k` override the GEMV heuristic (tests)."""
+    from .gemv import launch_gemv, resolve_config
+
+    B, T, K = x.shape
+    D, H = head_dim, num_heads
+    has_kv = k_weight is not None
+    k_col, v_col = _qkv_shapes(x, w, H, kv_heads, D, has_kv, k_eq_v)
+    if D % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {D}")
+    x2 = x.reshape(B * T, K)
+    M, N = x2.shape[0], w.shape[0]
+    q = torch.empty(B, T, H, D, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return q
+    cfg = resolve_config(x2, w, split_k, block_k)
+    split = cfg["SPLIT_K"] if K > 0 else 1
+    if split > 1:
+        src = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+        launch_gemv(x2, w, src, src, cfg)
+    else:
+        src = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        if K == 0:
+            src.zero_()
+        else:
+            launch_gemv(x2, w, src, src, cfg)
+    q3 = q.view(M, H, D)
+    c2, s2 = _per_position(cos, q), _per_position(sin, q)
+    if has_kv:
+        k_cache, v_cache, slot_pos, rows, slots, pos32 = kv
+        for name, t in (("rows", rows), ("slots", slots), ("pos32", pos32)):
+            if tuple(t.shape) != (B, T):
+                raise ValueError(f"{name} {tuple(t.shape)} is not [B, T] = [{B}, {T}]")
+        if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or k_cache.shape[1:2] != (kv_heads,) \
+                or k_cache.shape[-1] != D or v_cache.shape != k_cache.shape:
+            raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit "
+                             f"{kv_heads} kv heads of {D}")
+        kw = k_weight.contiguous()
+    else:  # dummy pointers: no program takes the kv branch
+        k_cache = v_cache = slot_pos = q3
+        rows = slots = pos32 = torch.zeros(1, 1, dtype=torch.int32, device=x.device)
+        kw = q_weight
+    _qkv_heads_kernel[(M, H + (kv_heads if has_kv else 0))](
+        src, q_weight.contiguous(), kw, c2, s2, q3, k_cache, v_cache, slot_pos, rows, slots, pos32, T, H,
+        k_col, v_col, M * N if split > 1 else 0, N, c2.stride(0), s2.stride(0), q3.stride(0), q3.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(-2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(-2), slot_pos.stride(0), slot_pos.stride(-1),
+        rows.stride(0), rows.stride(1), slots.stride(0), slots.stride(1), pos32.stride(0), pos32.stride(1),
+        float(eps), D=D, BLOCK_D=next_pow2(D), SPLIT=split if split > 1 else 0, XD=tl_dtype(x.dtype),
+        PLUS_ONE=bool(plus_one), V_NORM=bool(v_norm), num_warps=_warps(D), **pdl_flags(x2))
+    return q
+
+
+__all__ = ["head_norm_ref", "head_norm_triton", "write_kv_ref", "write_kv_triton", "linear_qkv_heads_ref",
+           "linear_qkv_heads_triton"]

@@ -7,7 +7,11 @@ weights, batch 1, in one process:
   4. with fusion on, row invariance end to end: each of the 9 positions of a verify step equals, bit for
      bit, the 1-token decode step of the same token at the same position (9 decode steps in sequence).
 Each mode has its own Generator (graphs are captured with the switch as it was at capture time).
-Prints a table and ends with one JSON line.   Usage: python scripts/bench_fused_epilogues_gpu.py [--rounds 7]
+`--switch qkv` runs the same A/B for the fused q/k/v epilogue alone (VKAE_FUSED_QKV: q/k/v GEMV, then one
+launch for the split-K reduction, q norm + RoPE and the K/V norms + RoPE + cache write), the other fusions on;
+its arithmetic is the unfused path's, so fused vs unfused must be bitwise equal.
+Prints a table and ends with one JSON line.
+Usage: python scripts/bench_fused_epilogues_gpu.py [--rounds 7] [--switch epilogues|qkv]
 """
 from __future__ import annotations
 
@@ -33,11 +37,17 @@ WIDTH = 9  # K + 1 with K = 8 draft tokens
 PROMPT = list(range(3, 259))
 MODES = {"fused": True, "unfused": False}
 TOKEN_HI = 1000  # random token ids below this
+SWITCHES = {"epilogues": "FUSED_EPILOGUES", "qkv": "FUSED_QKV"}
+SWITCH = SWITCHES["epilogues"]  # the fused_tail attribute this run flips (--switch)
+
+
+def set_mode(fused: bool) -> None:
+    setattr(fused_tail, SWITCH, fused)
 
 
 def make_generator(lm, fused: bool, positions: torch.Tensor) -> Generator:
     """A Generator whose decode and verify graphs are captured with the switch at `fused`."""
-    fused_tail.FUSED_EPILOGUES = fused
+    set_mode(fused)
     gen = Generator(lm, Knobs(batch_size=1), max_context=1024, use_cuda_graphs=True)
     gen.prefill(PROMPT, 0)
     dev = gen.device
@@ -53,7 +63,7 @@ def kernels_per_step(gen: Generator, fused: bool, tokens: torch.Tensor, position
     """GPU kernels launched by one eager step (the step a CUDA graph replays)."""
     from torch.profiler import ProfilerActivity, profile
 
-    fused_tail.FUSED_EPILOGUES = fused
+    set_mode(fused)
     with torch.inference_mode():
         gen._step_eager(tokens, positions)
         torch.cuda.synchronize()
@@ -110,23 +120,26 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7, help="alternating timing rounds (median)")
     ap.add_argument("--iters", type=int, default=50, help="graph replays per timing")
     ap.add_argument("--check-positions", type=int, default=8)
+    ap.add_argument("--switch", choices=sorted(SWITCHES), default="epilogues")
     args = ap.parse_args()
+    global SWITCH
+    SWITCH = SWITCHES[args.switch]
     lm = load_model("gemma-4-e4b", device="cuda", dtype=torch.bfloat16, random_weights=True)
     dev = torch.device("cuda")
     p = len(PROMPT)
     positions = (torch.arange(WIDTH, device=dev) + p)[None]
     tokens = torch.randint(3, TOKEN_HI, (1, WIDTH), device=dev, generator=torch.Generator(dev).manual_seed(0))
-    env_default = fused_tail.FUSED_EPILOGUES
+    env_default = getattr(fused_tail, SWITCH)
     gens = {m: make_generator(lm, fused, positions) for m, fused in MODES.items()}
-    fused_tail.FUSED_EPILOGUES = env_default  # graphs already captured keep their mode
+    set_mode(env_default)  # graphs already captured keep their mode
 
     res: dict = {"device": torch.cuda.get_device_name(), "geometry": "gemma-4-e4b", "weights": "random",
                  "dtype": "bfloat16", "row_invariant": invariance.ROW_INVARIANT, "width": WIDTH,
-                 "gemv_policy": linear_mod.GEMV_POLICY}
+                 "gemv_policy": linear_mod.GEMV_POLICY, "switch": SWITCH}
     res["kernels_per_step"] = {m: {"decode": kernels_per_step(gens[m], f, tokens[:, :1], positions[:, :1]),
                                    "verify": kernels_per_step(gens[m], f, tokens, positions)}
                                for m, f in MODES.items()}
-    fused_tail.FUSED_EPILOGUES = env_default
+    set_mode(env_default)
     print("kernels per step:", json.dumps(res["kernels_per_step"]), flush=True)
 
     times: dict[str, dict[str, list[float]]] = {m: {"decode": [], "verify": []} for m in MODES}

@@ -22,6 +22,7 @@ import engine.linear as linear_mod  # noqa: E402
 import engine.ops as ops  # noqa: E402
 import kernels.gemv as gv  # noqa: E402
 import kernels.gemv_epilogue as ge  # noqa: E402
+import kernels.head_norm as hn  # noqa: E402
 import kernels.invariance as invariance  # noqa: E402
 import kernels.splitk_norm as sn  # noqa: E402
 from kernels._common import cdiv  # noqa: E402
@@ -30,7 +31,7 @@ _needs_interpreter, test_interpreter_in_fresh_process = _testutil.interpreter_gu
 
 EPS = 1e-6
 FUSED_KERNELS = ((sn, "linear_sandwich_triton"), (sn, "linear_add_norm_triton"), (ge, "linear_geglu_triton"),
-                 (ge, "linear_gelu_gate_triton"))
+                 (ge, "linear_gelu_gate_triton"), (hn, "linear_qkv_heads_triton"))
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +123,8 @@ def test_fused_decode_step_matches_unfused_and_reference(alias, split_everywhere
     model, arch, want, unfused, one, wide, calls = _steps(alias, monkeypatch, split_everywhere)
     L, ple = arch.num_layers, arch.ple_dim > 0
     # per layer: o_proj, gate_up, then down (+ PLE gate and PLE projection); decode and verify steps
-    expected = {"linear_sandwich_triton": 4 * L, "linear_geglu_triton": 2 * L}  # o_proj + (down or PLE proj)
+    expected = {"linear_sandwich_triton": 4 * L, "linear_geglu_triton": 2 * L,  # o_proj + (down or PLE proj)
+                "linear_qkv_heads_triton": 2 * L}
     if ple:
         expected.update(linear_add_norm_triton=2 * L, linear_gelu_gate_triton=2 * L)
     assert calls == expected

@@ -29,6 +29,7 @@ def _compile_all() -> int:
         return SKIP
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import kernels.gemv as gv
+    import kernels.head_norm as hn
     import kernels.gemv_epilogue as ge
     import kernels.splitk_norm as sn
 
@@ -54,7 +55,7 @@ def _compile_all() -> int:
     for split in (1, 4):
         for bm, bn, bk in tiles:
             flags = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, USE_DOT=bm > 1, DOT_FP32=False,
-                         EVEN_K=True, PDL=split > 1, PREFETCH=2 if split > 1 else 1,  # each variant, no doubling
+                         EVEN_K=True, PDL=split > 1, PREFETCH=4 if split > 1 else 1,  # each variant, no doubling
                          W_EVICT="evict_first" if split > 1 else "", PF_SEGS=3 if split > 1 else 0,
                          PF_AT_END=bm == 1)
             build(gv._gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
@@ -74,6 +75,15 @@ def _compile_all() -> int:
                "eps": "fp32"},
               dict(X_DTYPE=tl.bfloat16, SPLIT_K=4, HAS_WPOST=True, HAS_WPRE=write_y, PLUS_ONE=not scalar,
                    HAS_SCALAR=scalar, WRITE_Y=write_y, BLOCK_N=4096, PDL=write_y), warps=8)
+    # the fused q/k/v epilogue: from split-K partials (fp32) and from the GEMV's own output (bf16)
+    ints = ("T", "HQ", "k_col", "v_col", "s_split", "s_row", "scr", "ssr", "sqr", "sqh", "skcb", "skch", "skcs",
+            "svcb", "svch", "svcs", "sspb", "ssps", "srb", "srt", "slb", "slt", "spb", "spt")
+    for split, v_norm in ((3, True), (0, False)):
+        build(hn._qkv_heads_kernel,
+              {"src_ptr": "*fp32" if split else "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "cos_ptr": "*bf16",
+               "sin_ptr": "*bf16", "q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "sp_ptr": "*i32",
+               "rows_ptr": "*i64", "slots_ptr": "*i64", "pos_ptr": "*i32", **{k: i32 for k in ints}, "eps": "fp32"},
+              dict(D=256, BLOCK_D=256, SPLIT=split, XD=tl.bfloat16, PLUS_ONE=False, V_NORM=v_norm, PDL=True), warps=1)
     return 0
 
 

@@ -123,3 +123,67 @@ def test_write_kv_k_eq_v_and_row_mapping():
         written = ~torch.isnan(r)
         assert torch.equal(written, ~torch.isnan(g))
         assert_close(g[written], r[written])
+
+
+# ---- the fused q/k/v epilogue: projection partials -> q heads and the cache, one launch ----------------------
+def _qkv_case(dtype, has_kv, k_eq_v, seed, B=2, T=3, H=4, Hkv=2, D=16, K=64, S=10):
+    g = torch.Generator().manual_seed(seed)
+    n = H * D + ((1 if k_eq_v else 2) * Hkv * D if has_kv else 0)
+    x = torch.randn(B, T, K, generator=g).to(dtype)
+    w = (torch.randn(n, K, generator=g) / 4).to(dtype)
+    qw, kw = (torch.randn(D, generator=g).to(dtype) for _ in range(2))
+    cos, sin = rope_tables(B, T, D, dtype, seed=seed, start=8)
+    positions = torch.tensor([[8, 9, 10], [11, 12, -1]])[:B, :T]
+    slots = torch.where(positions >= 0, positions.clamp(min=0) % S, S)  # a ring, padding to the trash slot
+    rows = torch.arange(B)[:, None].expand(B, T)
+    return x, w, qw, kw if has_kv else None, cos, sin, (rows, slots, positions.to(torch.int32)), (B, Hkv, S, D)
+
+
+def _kv(cache, idx):
+    return (*cache, *idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("has_kv,k_eq_v,v_norm", [(True, False, True), (True, False, False), (True, True, True),
+                                                  (False, False, False)],
+                         ids=["kv-vnorm", "kv", "k-eq-v", "q-only"])
+def test_fused_qkv_heads_matches_reference_and_unfused_kernels(dtype, split, has_kv, k_eq_v, v_norm):
+    x, w, qw, kw, cos, sin, idx, (B, Hkv, S, D) = _qkv_case(dtype, has_kv, k_eq_v, seed=20 + split)
+    H = 4
+    caches = {name: make_cache(B, Hkv, S, D, dtype) for name in ("ref", "fused", "unfused")}
+    q_ref = hn.linear_qkv_heads_ref(x, w, H, Hkv, D, qw, kw, cos, sin, _kv(caches["ref"], idx), EPS, False, v_norm,
+                                    k_eq_v)
+    q = hn.linear_qkv_heads_triton(x, w, H, Hkv, D, qw, kw, cos, sin, _kv(caches["fused"], idx), EPS, False, v_norm,
+                                   k_eq_v, split_k=split, block_k=16)
+    # the unfused kernel path the engine ran before: GEMV (+ split-K reduction), q norm + RoPE, K/V write
+    from kernels.gemv import linear_small_m_triton
+
+    y = linear_small_m_triton(x.reshape(B * 3, -1), w, split_k=split, block_k=16).view(B, 3, -1)
+    q_unf = hn.head_norm_triton(y[..., :H * D].view(B, 3, H, D), qw, EPS, False, cos, sin)
+    if has_kv:
+        v0 = H * D if k_eq_v else (H + Hkv) * D
+        hn.write_kv_triton(y[..., H * D:(H + Hkv) * D].view(B, 3, Hkv, D), y[..., v0:v0 + Hkv * D].view(B, 3, Hkv, D),
+                           kw, cos, sin, *caches["unfused"], *idx, EPS, False, v_norm)
+    assert torch.equal(q, q_unf)  # same sums in the same order, same roundings: bit for bit
+    assert_close(q, q_ref)
+    if not has_kv:  # a layer reading another layer's cache writes none
+        assert all(torch.isnan(c).all() for c in caches["fused"][:2]) and (caches["fused"][2] == -1).all()
+        return
+    real = slice(0, S)  # the trash slot takes two padding writes in one launch: any one wins
+    for got, unf, ref in zip(caches["fused"], caches["unfused"], caches["ref"]):
+        if got.dim() == 4:
+            got, unf, ref = got[:, :, real], unf[:, :, real], ref[:, :, real]
+            assert torch.equal(torch.isnan(got), torch.isnan(ref))
+            written = ~torch.isnan(ref)
+            assert torch.equal(got[written], unf[written])
+            assert_close(got[written], ref[written])
+        else:
+            assert torch.equal(got, ref)
+
+
+def test_fused_qkv_heads_rejects_a_mismatched_weight():
+    x, w, qw, kw, cos, sin, idx, (B, Hkv, S, D) = _qkv_case(torch.float32, True, False, seed=3)
+    with pytest.raises(ValueError, match="weight has"):
+        hn.linear_qkv_heads_triton(x, w[:-1], 4, Hkv, D, qw, kw, cos, sin, _kv(make_cache(B, Hkv, S, D,
+                                   torch.float32), idx), EPS, False, True, False)
