@@ -92,9 +92,9 @@ if HAS_TRITON:
         """fp32 partial sums of x[:, k_start:k_end] @ w_rows[:, k_start:k_end].T: [BLOCK_M, BLOCK_N]
         with USE_DOT, else [BLOCK_N] (M == 1). `w_rows` [BLOCK_N, 1] pointers to the weight rows this
         program owns (shared by `_gemv_kernel` and the fused-epilogue kernels of `kernels.gemv_epilogue`,
-        so every variant streams the weights the same way). The first PREFETCH (1 or 2) weight tiles are
+        so every variant streams the weights the same way). The first PREFETCH (1 to 4) weight tiles are
         requested before `pdl_wait`: under PDL they stream while the previous kernel finishes; x is read
-        only after. Tiles are summed in K order either way (same arithmetic with PDL on or off; a second
+        only after. Tiles are summed in K order either way (same arithmetic with PDL on or off; a prefetched
         tile past the split's end is masked to zeros)."""
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
@@ -104,16 +104,25 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_N], tl.float32)
         offs_k = k_start + tl.arange(0, BLOCK_K)
         w = _w_tile(w_rows, offs_k, k_end, swk, EVEN_K, W_EVICT)
-        offs_k2 = offs_k + BLOCK_K
-        if PREFETCH == 2:
-            w2 = tl.load(w_rows + offs_k2[None, :] * swk, mask=offs_k2[None, :] < k_end, other=0.0,
-                         eviction_policy=W_EVICT)
+        # tiles 2..PREFETCH (masked: past the split's end they are zeros, and adding 0 changes no sum)
+        if PREFETCH >= 2:
+            w2 = tl.load(w_rows + (offs_k + BLOCK_K)[None, :] * swk, mask=(offs_k + BLOCK_K)[None, :] < k_end,
+                         other=0.0, eviction_policy=W_EVICT)
+        if PREFETCH >= 3:
+            w3 = tl.load(w_rows + (offs_k + 2 * BLOCK_K)[None, :] * swk,
+                         mask=(offs_k + 2 * BLOCK_K)[None, :] < k_end, other=0.0, eviction_policy=W_EVICT)
+        if PREFETCH >= 4:
+            w4 = tl.load(w_rows + (offs_k + 3 * BLOCK_K)[None, :] * swk,
+                         mask=(offs_k + 3 * BLOCK_K)[None, :] < k_end, other=0.0, eviction_policy=W_EVICT)
         pdl_wait(PDL)
         acc = _acc_tile(acc, w, x_ptr, offs_m, m_ok, offs_k, k_end, sxm, sxk, USE_DOT, DOT_FP32)
-        start = k_start + BLOCK_K
-        if PREFETCH == 2:
-            acc = _acc_tile(acc, w2, x_ptr, offs_m, m_ok, offs_k2, k_end, sxm, sxk, USE_DOT, DOT_FP32)
-            start += BLOCK_K
+        if PREFETCH >= 2:
+            acc = _acc_tile(acc, w2, x_ptr, offs_m, m_ok, offs_k + BLOCK_K, k_end, sxm, sxk, USE_DOT, DOT_FP32)
+        if PREFETCH >= 3:
+            acc = _acc_tile(acc, w3, x_ptr, offs_m, m_ok, offs_k + 2 * BLOCK_K, k_end, sxm, sxk, USE_DOT, DOT_FP32)
+        if PREFETCH >= 4:
+            acc = _acc_tile(acc, w4, x_ptr, offs_m, m_ok, offs_k + 3 * BLOCK_K, k_end, sxm, sxk, USE_DOT, DOT_FP32)
+        start = k_start + PREFETCH * BLOCK_K
         for k0 in range(start, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             w = _w_tile(w_rows, offs_k, k_end, swk, EVEN_K, W_EVICT)

@@ -144,7 +144,8 @@ def ab_pdl_and_prefill(lm, prompt: list[int], rounds: int = 5) -> dict:
     import kernels.gemv as gemv
 
     # (kernels._common.PDL, kernels.gemv.PREFETCH_TILES) per mode
-    modes = {"pdl": (True, 1), "no_pdl": (False, 1), "pdl_prefetch2": (True, 2)}
+    modes = {"pdl": (True, 1), "no_pdl": (False, 1), "pdl_prefetch2": (True, 2), "pdl_prefetch3": (True, 3),
+             "pdl_prefetch4": (True, 4)}
 
     def use(mode: str) -> None:
         common.PDL, gemv.PREFETCH_TILES = modes[mode]

@@ -74,15 +74,18 @@ def test_forced_split_k(dtype, M, split_k, block_k, K):
 
 
 @pytest.mark.parametrize("M", [1, 3])
-@pytest.mark.parametrize("split_k,block_k,K", [(3, 32, 300), (1, 32, 32), (1, 32, 40), (7, 32, 96)])
-def test_two_tile_prefetch_same_bits(monkeypatch, M, split_k, block_k, K):
-    # PREFETCH_TILES=2 peels a second tile ahead of the PDL wait: same sum order, so the same bits, also
-    # where a split holds one tile (K=32) or a ragged one (K=40: the second tile is partly masked)
+@pytest.mark.parametrize("split_k,block_k,K", [(3, 32, 300), (1, 32, 32), (1, 32, 40), (7, 32, 96), (1, 32, 200)])
+def test_prefetched_tiles_same_bits(monkeypatch, M, split_k, block_k, K):
+    # PREFETCH_TILES=n peels n tiles ahead of the PDL wait: same sum order, so the same bits as one tile, also
+    # where a split holds one tile (K=32), a ragged one (K=40: the second tile is partly masked) or fewer
+    # tiles than are prefetched (3 splits of 96 of K=300 have 3 tiles, 200 = 6 tiles + 8)
     x, w = rand((M, K), torch.float32, 5), rand((24, K), torch.float32, 6)
+    monkeypatch.setattr(gv, "PREFETCH_TILES", 1)
     want = gv.linear_small_m_triton(x, w, split_k=split_k, block_k=block_k)
-    monkeypatch.setattr(gv, "PREFETCH_TILES", 2)
-    got = gv.linear_small_m_triton(x, w, split_k=split_k, block_k=block_k)
-    assert torch.equal(got, want)
+    for tiles in (2, 3, 4):
+        monkeypatch.setattr(gv, "PREFETCH_TILES", tiles)
+        got = gv.linear_small_m_triton(x, w, split_k=split_k, block_k=block_k)
+        assert torch.equal(got, want), tiles
     check(x, w, split_k=split_k, block_k=block_k)
 
 
