@@ -47,6 +47,20 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def split_qkv(y: torch.Tensor, num_heads: int, kv_heads: int, head_dim: int, has_kv: bool, k_eq_v: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The fused [q; k; v] projection's output [B, T, N] -> (q, k, v) head views [B, T, heads, D]; k and v are
+    None without a K/V part, and the same view when k = v."""
+    B, T, _ = y.shape
+    k_col = num_heads * head_dim
+    q = y[..., :k_col].view(B, T, num_heads, head_dim)
+    if not has_kv:
+        return q, None, None
+    kv_width = kv_heads * head_dim
+    k = y[..., k_col:k_col + kv_width].view(B, T, kv_heads, head_dim)
+    return q, k, k if k_eq_v else y[..., k_col + kv_width:k_col + 2 * kv_width].view(B, T, kv_heads, head_dim)
+
+
 def proj_qkv_heads(lin: Linear, x: torch.Tensor, num_heads: int, kv_heads: int, head_dim: int,
                    q_norm: torch.Tensor, k_norm: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                    kv: tuple | None, eps: float, plus_one: bool, v_norm: bool, k_eq_v: bool) -> torch.Tensor:
@@ -59,14 +73,9 @@ def proj_qkv_heads(lin: Linear, x: torch.Tensor, num_heads: int, kv_heads: int, 
         return linear_qkv_heads_triton(x, lin.weight, num_heads, kv_heads, head_dim, q_norm,
                                        k_norm if kv is not None else None, cos, sin, kv, eps, plus_one, v_norm,
                                        k_eq_v)
-    B, T, _ = x.shape
-    y = lin(x)
-    k_col = num_heads * head_dim
-    q = ops.norm_rope(y[..., :k_col].view(B, T, num_heads, head_dim), q_norm, cos, sin, eps, plus_one)
+    q_raw, k_raw, v_raw = split_qkv(lin(x), num_heads, kv_heads, head_dim, kv is not None, k_eq_v)
+    q = ops.norm_rope(q_raw, q_norm, cos, sin, eps, plus_one)
     if kv is not None:
-        v_col = k_col if k_eq_v else k_col + kv_heads * head_dim
-        k_raw = y[..., k_col:k_col + kv_heads * head_dim].view(B, T, kv_heads, head_dim)
-        v_raw = y[..., v_col:v_col + kv_heads * head_dim].view(B, T, kv_heads, head_dim)
         ops.write_kv(k_raw, v_raw, k_norm, cos, sin, *kv, eps, plus_one, v_norm)
     return q
 

@@ -46,7 +46,6 @@ class DecoderLayer(nn.Module):
             parts.append(w[p + "self_attn.k_proj.weight"])
             if not self.k_eq_v:
                 parts.append(w[p + "self_attn.v_proj.weight"])
-        self.split = [t.shape[0] for t in parts]
         self.qkv = Linear.fused(parts)
         self.o_proj = Linear(w[p + "self_attn.o_proj.weight"])
         self.q_norm = _param(w[p + "self_attn.q_norm.weight"])
@@ -111,17 +110,12 @@ class GemmaDecoder(nn.Module):
 
     def _project(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """The fused QKV projection -> (q after q-norm and RoPE, raw k, raw v); k/v are None in layers
-        that read another layer's cache. K/V norms and RoPE are applied by the caller: the decode step
-        fuses them with the cache write."""
-        B, T, _ = x.shape
+        that read another layer's cache. K/V norms and RoPE are applied by the caller (the decode step
+        runs all of it through `fused_tail.proj_qkv_heads` instead)."""
         eps, plus_one = self._eps()
-        parts = layer.qkv(x).split(layer.split, dim=-1)
-        q = ops.norm_rope(parts[0].view(B, T, layer.num_heads, layer.head_dim), layer.q_norm, cos, sin, eps, plus_one)
-        if not layer.owns_kv:
-            return q, None, None
-        k_raw = parts[1].view(B, T, layer.kv_heads, layer.head_dim)
-        v_raw = k_raw if layer.k_eq_v else parts[2].view(B, T, layer.kv_heads, layer.head_dim)
-        return q, k_raw, v_raw
+        q, k_raw, v_raw = fused_tail.split_qkv(layer.qkv(x), layer.num_heads, layer.kv_heads, layer.head_dim,
+                                               layer.owns_kv, layer.k_eq_v)
+        return ops.norm_rope(q, layer.q_norm, cos, sin, eps, plus_one), k_raw, v_raw
 
     def _layer_tail(self, layer: DecoderLayer, h: torch.Tensor, attn: torch.Tensor,
                     per_layer: torch.Tensor | None, w_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

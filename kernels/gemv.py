@@ -104,16 +104,13 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_N], tl.float32)
         offs_k = k_start + tl.arange(0, BLOCK_K)
         w = _w_tile(w_rows, offs_k, k_end, swk, EVEN_K, W_EVICT)
-        # tiles 2..PREFETCH (masked: past the split's end they are zeros, and adding 0 changes no sum)
+        # tiles 2..PREFETCH, masked (EVEN_K=False): past the split's end they are zeros, adding 0 changes no sum
         if PREFETCH >= 2:
-            w2 = tl.load(w_rows + (offs_k + BLOCK_K)[None, :] * swk, mask=(offs_k + BLOCK_K)[None, :] < k_end,
-                         other=0.0, eviction_policy=W_EVICT)
+            w2 = _w_tile(w_rows, offs_k + BLOCK_K, k_end, swk, False, W_EVICT)
         if PREFETCH >= 3:
-            w3 = tl.load(w_rows + (offs_k + 2 * BLOCK_K)[None, :] * swk,
-                         mask=(offs_k + 2 * BLOCK_K)[None, :] < k_end, other=0.0, eviction_policy=W_EVICT)
+            w3 = _w_tile(w_rows, offs_k + 2 * BLOCK_K, k_end, swk, False, W_EVICT)
         if PREFETCH >= 4:
-            w4 = tl.load(w_rows + (offs_k + 3 * BLOCK_K)[None, :] * swk,
-                         mask=(offs_k + 3 * BLOCK_K)[None, :] < k_end, other=0.0, eviction_policy=W_EVICT)
+            w4 = _w_tile(w_rows, offs_k + 3 * BLOCK_K, k_end, swk, False, W_EVICT)
         pdl_wait(PDL)
         acc = _acc_tile(acc, w, x_ptr, offs_m, m_ok, offs_k, k_end, sxm, sxk, USE_DOT, DOT_FP32)
         if PREFETCH >= 2:

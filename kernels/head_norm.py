@@ -114,6 +114,29 @@ if HAS_TRITON:
         tl.store(y_ptr + r * syr + h * syh + cols, y.to(y_ptr.dtype.element_ty), mask=cols < D)
 
     @triton.jit
+    def _write_kv_head(k_row, v_row, w_ptr, cs_row, sn_row, kc_ptr, vc_ptr, sp_ptr, rows_ptr, slots_ptr, pos_ptr,
+                       b, t, h, skcb, skch, skcs, svcb, svch, svcs, sspb, ssps, srb, srt, slb, slt, spb, spt, eps,
+                       split_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, PLUS_ONE: tl.constexpr,
+                       V_NORM: tl.constexpr, SPLIT: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr):
+        """kv head h of position (b, t): k norm + RoPE, v norm (V_NORM) or copy, both into the cache slot of
+        that position's row, and the slot's position (head 0 only). Rows read through `_load_head`."""
+        row = tl.load(rows_ptr + b * srb + t * srt).to(tl.int64)
+        slot = tl.load(slots_ptr + b * slb + t * slt).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        c_ok = cols < D
+        k = _normed_head(k_row, w_ptr, cs_row, sn_row, eps, D, BLOCK_D, True, PLUS_ONE, True, split_stride, SPLIT, XK)
+        tl.store(kc_ptr + row * skcb + h * skch + slot * skcs + cols, k.to(kc_ptr.dtype.element_ty), mask=c_ok)
+        if V_NORM:
+            v = _normed_head(v_row, w_ptr, cs_row, sn_row, eps, D, BLOCK_D, False, False, False, split_stride,
+                             SPLIT, XV)
+        else:
+            v = _load_head(v_row, cols, c_ok, split_stride, BLOCK_D, SPLIT, XV)
+        tl.store(vc_ptr + row * svcb + h * svch + slot * svcs + cols, v.to(vc_ptr.dtype.element_ty), mask=c_ok)
+        if h == 0:  # one writer per position; padding positions all hit the trash slot with -1
+            pos = tl.load(pos_ptr + b * spb + t * spt)
+            tl.store(sp_ptr + row * sspb + slot * ssps, pos.to(sp_ptr.dtype.element_ty))
+
+    @triton.jit
     def _write_kv_kernel(k_ptr, v_ptr, w_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, sp_ptr,
                          rows_ptr, slots_ptr, pos_ptr, T,
                          skr, skh, svr, svh, scr, ssr, skcb, skch, skcs, svcb, svch, svcs, sspb, ssps,
@@ -123,27 +146,11 @@ if HAS_TRITON:
         pdl_wait(PDL)
         r = tl.program_id(0)  # position b * T + t
         h = tl.program_id(1)  # kv head
-        b = r // T
-        t = r % T
         r64 = r.to(tl.int64)
-        row = tl.load(rows_ptr + b * srb + t * srt).to(tl.int64)
-        slot = tl.load(slots_ptr + b * slb + t * slt).to(tl.int64)
-        cols = tl.arange(0, BLOCK_D)
-        c_ok = cols < D
-        k = _normed_head(k_ptr + r64 * skr + h * skh, w_ptr, cos_ptr + r64 * scr, sin_ptr + r64 * ssr, eps,
-                         D, BLOCK_D, True, PLUS_ONE, True, 0, 0, k_ptr.dtype.element_ty)
-        tl.store(kc_ptr + row * skcb + h * skch + slot * skcs + cols, k.to(kc_ptr.dtype.element_ty), mask=c_ok)
-        v_row = v_ptr + r64 * svr + h * svh
-        if V_NORM:
-            v = _normed_head(v_row, w_ptr, cos_ptr, sin_ptr, eps, D, BLOCK_D, False, False, False, 0, 0,
-                             v_ptr.dtype.element_ty)
-        else:
-            v = tl.load(v_row + cols, mask=c_ok, other=0.0)
-        tl.store(vc_ptr + row * svcb + h * svch + slot * svcs + cols, v.to(vc_ptr.dtype.element_ty), mask=c_ok)
-        if h == 0:  # one writer per position; padding positions all hit the trash slot with -1
-            pos = tl.load(pos_ptr + b * spb + t * spt)
-            tl.store(sp_ptr + row * sspb + slot * ssps, pos.to(sp_ptr.dtype.element_ty))
-
+        _write_kv_head(k_ptr + r64 * skr + h * skh, v_ptr + r64 * svr + h * svh, w_ptr, cos_ptr + r64 * scr,
+                       sin_ptr + r64 * ssr, kc_ptr, vc_ptr, sp_ptr, rows_ptr, slots_ptr, pos_ptr, r // T, r % T, h,
+                       skcb, skch, skcs, svcb, svch, svcs, sspb, ssps, srb, srt, slb, slt, spb, spt, eps,
+                       0, D, BLOCK_D, PLUS_ONE, V_NORM, 0, k_ptr.dtype.element_ty, v_ptr.dtype.element_ty)
 
     @triton.jit
     def _qkv_heads_kernel(src_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, sp_ptr,
@@ -153,7 +160,7 @@ if HAS_TRITON:
                           D: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, XD: tl.constexpr,
                           PLUS_ONE: tl.constexpr, V_NORM: tl.constexpr, PDL: tl.constexpr):
         """The fused QKV projection's epilogue in one launch: program (position, h) takes q head h (h < HQ:
-        norm + RoPE into q) or kv head h - HQ (k norm + RoPE, v norm, cache write: `_write_kv_kernel`),
+        norm + RoPE into q) or kv head h - HQ (`_write_kv_head`, as `_write_kv_kernel` does),
         reading the projection's split-K partials directly (`_load_head`) instead of a reduced copy."""
         pdl_wait(PDL)
         r = tl.program_id(0)  # position b * T + t
@@ -169,24 +176,10 @@ if HAS_TRITON:
                              s_split, SPLIT, XD)
             tl.store(q_ptr + r64 * sqr + h * sqh + cols, q.to(q_ptr.dtype.element_ty), mask=c_ok)
         else:
-            hk = h - HQ
-            b = r // T
-            t = r % T
-            row = tl.load(rows_ptr + b * srb + t * srt).to(tl.int64)
-            slot = tl.load(slots_ptr + b * slb + t * slt).to(tl.int64)
-            k = _normed_head(src_row + k_col + hk * D, kw_ptr, cs_row, sn_row, eps, D, BLOCK_D, True, PLUS_ONE,
-                             True, s_split, SPLIT, XD)
-            tl.store(kc_ptr + row * skcb + hk * skch + slot * skcs + cols, k.to(kc_ptr.dtype.element_ty), mask=c_ok)
-            v_row = src_row + v_col + hk * D
-            if V_NORM:
-                v = _normed_head(v_row, kw_ptr, cs_row, sn_row, eps, D, BLOCK_D, False, False, False,
-                                 s_split, SPLIT, XD)
-            else:
-                v = _load_head(v_row, cols, c_ok, s_split, BLOCK_D, SPLIT, XD)
-            tl.store(vc_ptr + row * svcb + hk * svch + slot * svcs + cols, v.to(vc_ptr.dtype.element_ty), mask=c_ok)
-            if hk == 0:  # one writer per position, as in _write_kv_kernel
-                pos = tl.load(pos_ptr + b * spb + t * spt)
-                tl.store(sp_ptr + row * sspb + slot * ssps, pos.to(sp_ptr.dtype.element_ty))
+            _write_kv_head(src_row + k_col + (h - HQ) * D, src_row + v_col + (h - HQ) * D, kw_ptr, cs_row, sn_row,
+                           kc_ptr, vc_ptr, sp_ptr, rows_ptr, slots_ptr, pos_ptr, r // T, r % T, h - HQ,
+                           skcb, skch, skcs, svcb, svch, svcs, sspb, ssps, srb, srt, slb, slt, spb, spt, eps,
+                           s_split, D, BLOCK_D, PLUS_ONE, V_NORM, SPLIT, XD, XD)
 
 
 def _warps(D: int) -> int:
@@ -235,6 +228,17 @@ def head_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, p
     return y
 
 
+def _check_kv(B: int, T: int, Hkv: int, D: int, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
+              slots: torch.Tensor, pos32: torch.Tensor) -> None:
+    """rows/slots/pos32 [B, T]; caches [B', Hkv, S, D], unit stride along D, alike."""
+    for name, t in (("rows", rows), ("slots", slots), ("pos32", pos32)):
+        if tuple(t.shape) != (B, T):
+            raise ValueError(f"{name} {tuple(t.shape)} is not [B, T] = [{B}, {T}]")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or k_cache.shape[1:2] != (Hkv,) \
+            or k_cache.shape[-1] != D or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit {Hkv} kv heads of {D}")
+
+
 def write_kv_triton(k_raw: torch.Tensor, v_raw: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
                     rows: torch.Tensor, slots: torch.Tensor, pos32: torch.Tensor, eps: float, plus_one: bool,
@@ -245,12 +249,7 @@ def write_kv_triton(k_raw: torch.Tensor, v_raw: torch.Tensor, k_weight: torch.Te
     B, T, Hkv, D = k_raw.shape
     if v_raw.shape != k_raw.shape:
         raise ValueError(f"k {tuple(k_raw.shape)} and v {tuple(v_raw.shape)} differ")
-    for name, t in (("rows", rows), ("slots", slots), ("pos32", pos32)):
-        if tuple(t.shape) != (B, T):
-            raise ValueError(f"{name} {tuple(t.shape)} is not [B, T] = [{B}, {T}]")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or k_cache.shape[1:2] != (Hkv,) \
-            or k_cache.shape[-1] != D or v_cache.shape != k_cache.shape:
-        raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit k {tuple(k_raw.shape)}")
+    _check_kv(B, T, Hkv, D, k_cache, v_cache, rows, slots, pos32)
     if D % 2:
         raise ValueError(f"RoPE needs an even head dim, got {D}")
     R = B * T
@@ -337,13 +336,7 @@ def linear_qkv_heads_triton(x: torch.Tensor, w: torch.Tensor, num_heads: int, kv
     c2, s2 = _per_position(cos, q), _per_position(sin, q)
     if has_kv:
         k_cache, v_cache, slot_pos, rows, slots, pos32 = kv
-        for name, t in (("rows", rows), ("slots", slots), ("pos32", pos32)):
-            if tuple(t.shape) != (B, T):
-                raise ValueError(f"{name} {tuple(t.shape)} is not [B, T] = [{B}, {T}]")
-        if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or k_cache.shape[1:2] != (kv_heads,) \
-                or k_cache.shape[-1] != D or v_cache.shape != k_cache.shape:
-            raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit "
-                             f"{kv_heads} kv heads of {D}")
+        _check_kv(B, T, kv_heads, D, k_cache, v_cache, rows, slots, pos32)
         kw = k_weight.contiguous()
     else:  # dummy pointers: no program takes the kv branch
         k_cache = v_cache = slot_pos = q3

@@ -6,9 +6,9 @@ dependent kernels (split-K reductions, norms, RoPE and the cache write, attentio
 nothing from HBM. Those stretches, and every GEMV's ramp-up and drain, leave HBM idle: on an H100 the
 E4B step takes 4.76 ms against a 3.10 ms floor. Here the weights a step reads are listed in the order
 it reads them (a *weight stream*, registered by the model) and every GEMV launch is given the stretch of
-that stream lying between `LEAD_BYTES` after its own weight's start and `LEAD_BYTES` after its end.
-Launch by launch the stretches tile the stream, so each weight byte is requested once, about
-`LEAD_BYTES` before the GEMV that needs it, and lands in L2 while the short kernels run.
+that stream from where the launches before it stopped asking (never before its own weight's end) to
+`LEAD_BYTES` past its end (`_plan`). Launch by launch the stretches tile the stream, so each weight byte is
+requested once, up to `LEAD_BYTES` before the GEMV that needs it, and lands in L2 while the short kernels run.
 
 The request is a Hopper bulk prefetch (`cp.async.bulk.prefetch.L2.global`, one instruction per lane
 for a whole range, fire and forget): no registers, no shared memory, no result to wait for, and no
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import HAS_TRITON, INTERPRET, _cuda_props, tl, triton
+from ._common import HAS_TRITON, INTERPRET, _cuda_props, num_sms, tl, triton
 
 LEAD_BYTES: int = int(float(os.environ.get("VKAE_L2_LEAD_MB", "0")) * 2**20)
 AT_END: bool = os.environ.get("VKAE_L2_PREFETCH_AT_END", "0") == "1"
@@ -59,7 +59,8 @@ class _Stream:
 
 
 _BY_PTR: dict[int, tuple[_Stream, int]] = {}  # weight data_ptr -> (its stream, its index there)
-_PLANS: dict[tuple[int, int, int], list[list[tuple[int, int]]]] = {}  # (id(stream), lead, max source) -> plan
+# (id(stream), lead, max source) -> per launch, its segments as (weight index, address, bytes)
+_PLANS: dict[tuple[int, int, int], list[list[tuple[int, int, int]]]] = {}
 
 
 def register_stream(weights: list[torch.Tensor]) -> None:
@@ -78,14 +79,14 @@ def register_stream(weights: list[torch.Tensor]) -> None:
     _PLANS.clear()
 
 
-def _plan(s: _Stream, lead: int, max_source: int) -> list[list[tuple[int, int]]]:
-    """Per launch, its (address, bytes) segments. Launch k (weight [start, end)) may prefetch when its own
+def _plan(s: _Stream, lead: int, max_source: int) -> list[list[tuple[int, int, int]]]:
+    """Per launch, its (weight index, address, bytes) segments. Launch k (weight [start, end)) may prefetch when its own
     weight is at most `max_source` bytes (0: any size); it takes the stream from where earlier launches
     stopped (never before its own end) up to end + lead, cut at weight boundaries and whole L2 lines."""
-    plan: list[list[tuple[int, int]]] = []
+    plan: list[list[tuple[int, int, int]]] = []
     upto = 0  # stream offset up to which earlier launches have asked
     for i in range(len(s.addrs)):
-        segs: list[tuple[int, int]] = []
+        segs: list[tuple[int, int, int]] = []
         if not max_source or s.ends[i] - s.starts[i] <= max_source:
             lo, hi = max(s.ends[i], upto), s.ends[i] + lead
             for j in range(i + 1, len(s.addrs)):
@@ -94,7 +95,7 @@ def _plan(s: _Stream, lead: int, max_source: int) -> list[list[tuple[int, int]]]
                 a = -(-(max(lo, s.starts[j]) - s.starts[j]) // _ALIGN) * _ALIGN  # offsets within weight j
                 b = (min(hi, s.ends[j]) - s.starts[j]) // _ALIGN * _ALIGN
                 if b > a and s.addrs[j] % 16 == 0:  # the bulk prefetch needs 16-byte aligned addresses
-                    segs.append((s.addrs[j] + a, b - a))
+                    segs.append((j, s.addrs[j] + a, b - a))
                     upto = s.starts[j] + b
         plan.append(segs)
     return plan
@@ -113,7 +114,7 @@ def segments(w: torch.Tensor, lead: int, max_source: int = 0) -> list[tuple[int,
     if key not in _PLANS:
         _PLANS[key] = _plan(s, lead, max_source)
     segs = _PLANS[key][i]
-    return segs if s.alive([j for j in range(i, min(i + 8, len(s.refs)))]) else []
+    return [(a, n) for _, a, n in segs] if s.alive([j for j, _, _ in segs]) else []
 
 
 def supported(t: torch.Tensor) -> bool:
@@ -126,7 +127,7 @@ def supported(t: torch.Tensor) -> bool:
 
 def launch_args(w: torch.Tensor) -> dict[str, int | bool]:
     """The prefetch arguments of a GEMV kernel launch reading weight `w` (see `prefetch_segments`)."""
-    segs = segments(w, LEAD_BYTES, MAX_SOURCE_BYTES) if supported(w) else []
+    segs = segments(w, LEAD_BYTES, MAX_SOURCE_BYTES) if LEAD_BYTES > 0 and supported(w) else []
     args: dict[str, int | bool] = {"PF_SEGS": len(segs), "PF_AT_END": AT_END}
     for k in range(MAX_SEGMENTS):
         a, n = segs[k] if k < len(segs) else (0, 0)
@@ -168,7 +169,7 @@ if HAS_TRITON:
         prefetch_segments(pf_a0, pf_n0, pf_a1, pf_n1, pf_a2, pf_n2, pf_a3, pf_n3, PF_SEGS)
 
 
-def prefetch_to_l2(t: torch.Tensor, programs: int = 132) -> None:
-    """Ask the L2 for all of a contiguous CUDA tensor, fire and forget (benchmarks; sm_90)."""
+def prefetch_to_l2(t: torch.Tensor) -> None:
+    """Ask the L2 for all of a contiguous CUDA tensor, fire and forget, one program per SM (benchmarks; sm_90)."""
     n = t.numel() * t.element_size() // _ALIGN * _ALIGN
-    _prefetch_kernel[(programs,)](t.data_ptr(), n, 0, 0, 0, 0, 0, 0, PF_SEGS=1, num_warps=4)
+    _prefetch_kernel[(num_sms(t.device),)](t.data_ptr(), n, 0, 0, 0, 0, 0, 0, PF_SEGS=1, num_warps=4)
