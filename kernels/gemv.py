@@ -39,6 +39,8 @@ PREFETCH_TILES = 2
 # L2 eviction priority of the weight loads ("" = the default, "evict_first": a weight line is dead once
 # read, so it goes before the lines `kernels.l2_prefetch` brought in for the next GEMVs). Read at launch.
 WEIGHT_EVICTION = os.environ.get("VKAE_WEIGHT_EVICTION", "")
+if WEIGHT_EVICTION not in ("", "evict_first", "evict_last"):
+    raise ValueError(f"VKAE_WEIGHT_EVICTION must be empty, evict_first or evict_last; got {WEIGHT_EVICTION!r}")
 
 
 def batch_invariant() -> bool:

@@ -38,11 +38,23 @@ import torch
 
 from ._common import HAS_TRITON, INTERPRET, _cuda_props, num_sms, tl, triton
 
-LEAD_BYTES: int = int(float(os.environ.get("VKAE_L2_LEAD_MB", "0")) * 2**20)
+def _env_mb(name: str) -> int:
+    """An environment variable in MB (unset: 0) as bytes; a clear error for anything but a number >= 0."""
+    raw = os.environ.get(name, "0")
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:
+        raise ValueError(f"{name} must be a number of MB >= 0, got {raw!r}")
+    return int(mb * 2**20)
+
+
+LEAD_BYTES: int = _env_mb("VKAE_L2_LEAD_MB")
 AT_END: bool = os.environ.get("VKAE_L2_PREFETCH_AT_END", "0") == "1"
 # Only launches whose own weight is at most this many bytes prefetch (0: all). A long GEMV's early request
 # would be evicted by its own stream before the next GEMV reads it.
-MAX_SOURCE_BYTES: int = int(float(os.environ.get("VKAE_L2_MAX_SOURCE_MB", "0")) * 2**20)
+MAX_SOURCE_BYTES: int = _env_mb("VKAE_L2_MAX_SOURCE_MB")
 MAX_SEGMENTS = 4  # a launch's stretch may cross this many weights (PLE gate, PLE proj, next qkv, next o)
 _ALIGN = 128  # bytes: stretches start and end on L2 lines (the bulk prefetch needs multiples of 16)
 

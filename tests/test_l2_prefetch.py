@@ -118,3 +118,18 @@ def test_model_lists_every_projection_once_in_read_order():
     linears = [m.weight for m in model.modules() if isinstance(m, Linear)]
     assert {t.data_ptr() for t in linears} | {model.lm_head.data_ptr()} == {t.data_ptr() for t in order}
     assert order[1] is model.layers[0].qkv.weight and order[-1] is model.lm_head
+
+
+def test_env_lead_must_be_a_size(monkeypatch):
+    for bad in ("12MB", "-1", "nan"):
+        monkeypatch.setenv("VKAE_L2_LEAD_MB", bad)
+        try:
+            lp._env_mb("VKAE_L2_LEAD_MB")
+        except ValueError as e:
+            assert "VKAE_L2_LEAD_MB" in str(e) and repr(bad) in str(e)
+        else:
+            raise AssertionError(f"{bad!r} accepted")
+    monkeypatch.setenv("VKAE_L2_LEAD_MB", "1.5")
+    assert lp._env_mb("VKAE_L2_LEAD_MB") == 3 * 2**19
+    monkeypatch.delenv("VKAE_L2_LEAD_MB")
+    assert lp._env_mb("VKAE_L2_LEAD_MB") == 0
