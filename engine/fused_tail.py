@@ -31,6 +31,11 @@ FUSED_EPILOGUES: bool = os.environ.get("VKAE_FUSED_EPILOGUES", "1") != "0"
 # partials in one launch (`kernels.head_norm.linear_qkv_heads_triton`): 4 launches -> 2 per layer. Needs
 # FUSED_EPILOGUES too; its own switch (env VKAE_FUSED_QKV) for the A/B. Read at call time.
 FUSED_QKV: bool = os.environ.get("VKAE_FUSED_QKV", "1") != "0"
+# The MLP as one weight stream (`kernels.fused_mlp`: gate+up, GeGLU and down split along the intermediate
+# dimension, then the partial sum and the residual add + norms): replaces the gate_up GEMV, the down GEMV
+# and their grid-wide dependency. Off: whole step H100 0.993x decode / 0.978x verify, H200 1.024x / 0.988x
+# (docs/PERF.md, stop 13). Needs FUSED_EPILOGUES too; env VKAE_FUSED_MLP=1. Read at call time.
+FUSED_MLP: bool = os.environ.get("VKAE_FUSED_MLP", "0") != "0"
 
 
 def fusable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -117,3 +122,40 @@ def proj_gelu_gate(lin: Linear, x: torch.Tensor, per_layer_input: torch.Tensor) 
 
         return linear_gelu_gate_triton(_rows(x), lin.weight, _rows(per_layer_input)).view(*x.shape[:-1], -1)
     return ops.gelu_gate(lin(x), per_layer_input)
+
+
+def _mlp_fusable(gate_up: Linear, down: Linear, x: torch.Tensor) -> bool:
+    if not (FUSED_MLP and fusable(x, gate_up.weight) and fusable(x, down.weight)):
+        return False
+    from kernels.fused_mlp import fusable_shapes
+
+    return fusable_shapes(_rows(x).shape[0], gate_up.weight, down.weight, x.device)
+
+
+def _mlp_tail(gate_up: Linear, down: Linear, x: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor,
+              w_next: torch.Tensor | None, scalar: torch.Tensor | None, eps: float, plus_one: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    from kernels.fused_mlp import mlp_sum_triton
+    from kernels.splitk_norm import sandwich_from_partials
+
+    part = mlp_sum_triton(_rows(x), gate_up.weight, down.weight)
+    res = residual.to(torch.promote_types(x.dtype, residual.dtype))  # a no-op in the engine
+    return sandwich_from_partials(part, x.dtype, res, w_post, w_next, scalar, eps, plus_one, w_next is not None)
+
+
+def mlp_sandwich(gate_up: Linear, down: Linear, x: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor,
+                 w_next: torch.Tensor, scalar: torch.Tensor | None, eps: float, plus_one: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`proj_sandwich(down, proj_geglu(gate_up, x), residual, ...)`: the MLP, then (new residual h, next
+    layer's normed input)."""
+    if _mlp_fusable(gate_up, down, x):
+        return _mlp_tail(gate_up, down, x, residual, w_post, w_next, scalar, eps, plus_one)
+    return proj_sandwich(down, proj_geglu(gate_up, x), residual, w_post, w_next, scalar, eps, plus_one)
+
+
+def mlp_add_norm(gate_up: Linear, down: Linear, x: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor,
+                 eps: float, plus_one: bool) -> torch.Tensor:
+    """`proj_add_norm(down, proj_geglu(gate_up, x), residual, ...)`: residual + norm(MLP(x))."""
+    if _mlp_fusable(gate_up, down, x):
+        return _mlp_tail(gate_up, down, x, residual, w_post, None, None, eps, plus_one)[0]
+    return proj_add_norm(down, proj_geglu(gate_up, x), residual, w_post, eps, plus_one)

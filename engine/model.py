@@ -125,14 +125,14 @@ class GemmaDecoder(nn.Module):
         # the unfused ops (the reference) elsewhere (engine/fused_tail.py)
         h, x = fused_tail.proj_sandwich(layer.o_proj, attn, h, n["post_attention_layernorm"],
                                         n["pre_feedforward_layernorm"], None, eps, plus_one)
-        a = fused_tail.proj_geglu(layer.gate_up, x)
         if layer.has_ple:
-            h = fused_tail.proj_add_norm(layer.down, a, h, n["post_feedforward_layernorm"], eps, plus_one)
+            h = fused_tail.mlp_add_norm(layer.gate_up, layer.down, x, h, n["post_feedforward_layernorm"], eps,
+                                        plus_one)
             g = fused_tail.proj_gelu_gate(layer.ple_gate, h, per_layer[:, :, layer.index])
             return fused_tail.proj_sandwich(layer.ple_proj, g, h, layer.ple_norm, w_next, layer.layer_scalar, eps,
                                             plus_one)
-        return fused_tail.proj_sandwich(layer.down, a, h, n["post_feedforward_layernorm"], w_next, layer.layer_scalar,
-                                        eps, plus_one)
+        return fused_tail.mlp_sandwich(layer.gate_up, layer.down, x, h, n["post_feedforward_layernorm"], w_next,
+                                       layer.layer_scalar, eps, plus_one)
 
     def decode_weight_order(self) -> list[torch.Tensor]:
         """The projection weights in the order a decode step reads them (one GEMV each): the PLE model

@@ -102,18 +102,31 @@ def _launch(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, w_post: to
             return post_norm_residual_pre_norm_triton(y0, res, w_post, w_next, eps, plus_one, scalar=scalar)
         h = residual_rmsnorm_triton(y0, res, w_post, eps, plus_one)
         return h, h
-    r2 = _rows(res)
-    h = torch.empty(M, N, dtype=res.dtype, device=x.device)
-    y = torch.empty(M, N, dtype=res.dtype, device=x.device) if write_y else h
     part = torch.empty(cfg["SPLIT_K"], M, N, dtype=torch.float32, device=x.device)
     launch_gemv(x, w, part, part, cfg)  # SPLIT_K > 1: y_ptr unused
+    return sandwich_from_partials(part, x.dtype, res, w_post, w_next, scalar, eps, plus_one, write_y)
+
+
+def sandwich_from_partials(part: torch.Tensor, x_dtype: torch.dtype, residual: torch.Tensor,
+                           w_post: torch.Tensor | None, w_next: torch.Tensor | None, scalar: torch.Tensor | None,
+                           eps: float, plus_one: bool, write_y: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The norm half of `linear_sandwich_triton` on a projection's fp32 partial sums part [S, M, N] (summed
+    in s order, rounded to x_dtype): (h, y) shaped like residual (y is h when not write_y). Also the tail of
+    `kernels.fused_mlp`, whose down sums arrive as one partial."""
+    S, M, N = part.shape
+    single, _, block_n, warps = _config(N, 1)
+    if not single:
+        raise ValueError(f"rows of {N} are too wide for the one-tile norm kernel")
+    r2 = _rows(residual)
+    h = torch.empty(M, N, dtype=residual.dtype, device=part.device)
+    y = torch.empty(M, N, dtype=residual.dtype, device=part.device) if write_y else h
     _splitk_sandwich_kernel[(M,)](
         part, r2, w_post.contiguous() if w_post is not None else part,
         w_next.contiguous() if w_next is not None else part, scalar if scalar is not None else part,
         h, y, M, N, r2.stride(0), h.stride(0), y.stride(0), float(eps),
-        X_DTYPE=tl_dtype(x.dtype), SPLIT_K=cfg["SPLIT_K"], HAS_WPOST=w_post is not None,
+        X_DTYPE=tl_dtype(x_dtype), SPLIT_K=S, HAS_WPOST=w_post is not None,
         HAS_WPRE=w_next is not None, PLUS_ONE=bool(plus_one), HAS_SCALAR=scalar is not None,
-        WRITE_Y=write_y, BLOCK_N=block_n, num_warps=warps, **pdl_flags(x))
+        WRITE_Y=write_y, BLOCK_N=block_n, num_warps=warps, **pdl_flags(part))
     return h.view(residual.shape), y.view(residual.shape)
 
 

@@ -9,9 +9,11 @@ weights, batch 1, in one process:
 Each mode has its own Generator (graphs are captured with the switch as it was at capture time).
 `--switch qkv` runs the same A/B for the fused q/k/v epilogue alone (VKAE_FUSED_QKV: q/k/v GEMV, then one
 launch for the split-K reduction, q norm + RoPE and the K/V norms + RoPE + cache write), the other fusions on;
-its arithmetic is the unfused path's, so fused vs unfused must be bitwise equal.
+its arithmetic is the unfused path's, so fused vs unfused must be bitwise equal. `--switch mlp`: the MLP as
+one weight stream (VKAE_FUSED_MLP, `kernels.fused_mlp`) vs the two GEMVs (its down sums run in another order:
+bf16 noise, not bitwise).
 Prints a table and ends with one JSON line.
-Usage: python scripts/bench_fused_epilogues_gpu.py [--rounds 7] [--switch epilogues|qkv]
+Usage: python scripts/bench_fused_epilogues_gpu.py [--rounds 7] [--switch epilogues|qkv|mlp]
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ WIDTH = 9  # K + 1 with K = 8 draft tokens
 PROMPT = list(range(3, 259))
 MODES = {"fused": True, "unfused": False}
 TOKEN_HI = 1000  # random token ids below this
-SWITCHES = {"epilogues": "FUSED_EPILOGUES", "qkv": "FUSED_QKV"}
+SWITCHES = {"epilogues": "FUSED_EPILOGUES", "qkv": "FUSED_QKV", "mlp": "FUSED_MLP"}
 SWITCH = SWITCHES["epilogues"]  # the fused_tail attribute this run flips (--switch)
 
 

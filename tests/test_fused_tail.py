@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import engine.fused_tail as fused_tail  # noqa: E402
 import engine.linear as linear_mod  # noqa: E402
 import engine.ops as ops  # noqa: E402
+import kernels.fused_mlp as fm  # noqa: E402
 import kernels.gemv as gv  # noqa: E402
 import kernels.gemv_epilogue as ge  # noqa: E402
 import kernels.head_norm as hn  # noqa: E402
@@ -58,6 +59,30 @@ def test_cpu_ops_are_the_unfused_composition():
                        ops.add_norm(lin(x), res, w1, EPS, False)),
                       (fused_tail.proj_geglu(gate_up, x), ops.gelu_mul(gate_up(x))),
                       (fused_tail.proj_gelu_gate(gate, x, pli), ops.gelu_gate(gate(x), pli))):
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert torch.equal(a, b)
+
+
+def test_cpu_mlp_ops_are_the_unfused_composition(monkeypatch):
+    """The whole-MLP ops with the fused-MLP switch on: CPU tensors never fuse, so each is the unfused
+    composition, call for call (down(gelu_mul(gate_up(x))), then the sandwich / add + norm)."""
+    from engine.linear import Linear
+
+    monkeypatch.setattr(fused_tail, "FUSED_MLP", True)
+    g = torch.Generator().manual_seed(1)
+    x, res = torch.randn(2, 3, 32, generator=g), torch.randn(2, 3, 32, generator=g)
+    gate_up, down = Linear(torch.randn(128, 32, generator=g)), Linear(torch.randn(32, 64, generator=g))
+    w1, w2, scalar = torch.randn(32, generator=g), torch.randn(32, generator=g), torch.tensor([0.5])
+    assert not fused_tail._mlp_fusable(gate_up, down, x)
+    mlp = down(ops.gelu_mul(gate_up(x)))
+    for got, want in ((fused_tail.mlp_sandwich(gate_up, down, x, res, w1, w2, scalar, EPS, True),
+                       ops.sandwich(mlp, res, w1, w2, scalar, EPS, True)),
+                      (fused_tail.mlp_sandwich(gate_up, down, x, res, w1, w2, None, EPS, False),
+                       ops.sandwich(mlp, res, w1, w2, None, EPS, False)),
+                      (fused_tail.mlp_add_norm(gate_up, down, x, res, w1, EPS, False),
+                       ops.add_norm(mlp, res, w1, EPS, False)),
+                      (fused_tail.mlp_add_norm(gate_up, down, x, res, w1, EPS, True),
+                       ops.add_norm(mlp, res, w1, EPS, True))):
         for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
             assert torch.equal(a, b)
 
@@ -132,4 +157,38 @@ def test_fused_decode_step_matches_unfused_and_reference(alias, split_everywhere
     assert (one - unfused).abs().max().item() <= 1e-5 * scale
     assert (one - want).abs().max().item() <= 1e-5 * scale
     assert torch.equal(one, wide)  # row invariance holds with the fusions on
+    assert torch.equal(model.greedy(one), model.greedy(want))
+
+
+@pytest.mark.parametrize("alias,split_everywhere", [("tiny-gemma4", False), ("tiny-gemma3", True)],
+                         ids=["gemma4-heuristic", "gemma3-split-everywhere"])
+def test_fused_mlp_decode_step_matches_unfused_and_reference(alias, split_everywhere, monkeypatch):
+    """FUSED_MLP on: each layer's gate_up + GeGLU + down runs as `kernels.fused_mlp.mlp_sum_triton` and the
+    partial-sum norm tail, once per layer and step, instead of the GeGLU GEMV and the down GEMV + norm."""
+    monkeypatch.setattr(fused_tail, "FUSED_MLP", True)
+    # the tiny models' intermediate size (128) in GROUP_I 32 slices of two UNIT 16 tiles (the unfused GeGLU
+    # GEMV's tile), down outputs (hidden 64) in two BLOCK_H tiles
+    monkeypatch.setattr(fm, "GROUP_I", 32)
+    monkeypatch.setattr(fm, "UNIT", 16)
+    monkeypatch.setattr(fm, "BLOCK_H", 32)
+    mlp_calls: list[int] = []
+
+    def counted(x, *a, _fn=fm.mlp_sum_triton, **kw):
+        mlp_calls.append(x.shape[0])
+        return _fn(x, *a, **kw)
+
+    monkeypatch.setattr(fm, "mlp_sum_triton", counted)
+    model, arch, want, unfused, one, wide, calls = _steps(alias, monkeypatch, split_everywhere)
+    L, ple = arch.num_layers, arch.ple_dim > 0
+    assert all(i % fm.GROUP_I == 0 for i in arch.intermediate_sizes)
+    assert mlp_calls == [9] * L + [1] * L  # the verify step's layers, then the decode step's
+    # per layer: o_proj (+ PLE gate and PLE projection); the MLP is no GeGLU GEMV, no down GEMV
+    expected = {"linear_sandwich_triton": (4 if ple else 2) * L, "linear_qkv_heads_triton": 2 * L}
+    if ple:
+        expected.update(linear_gelu_gate_triton=2 * L)
+    assert calls == expected
+    scale = max(1.0, want.abs().max().item())
+    assert (one - unfused).abs().max().item() <= 1e-5 * scale
+    assert (one - want).abs().max().item() <= 1e-5 * scale
+    assert torch.equal(one, wide)  # row invariance holds with the fused MLP
     assert torch.equal(model.greedy(one), model.greedy(want))

@@ -1,4 +1,5 @@
-"""Compile the GEMV family (`kernels.gemv`, `kernels.gemv_epilogue`, `kernels.splitk_norm`) for an H100
+"""Compile the GEMV family (`kernels.gemv`, `kernels.gemv_epilogue`, `kernels.splitk_norm`, `kernels.head_norm`,
+`kernels.fused_mlp`) for an H100
 (sm_90) without a GPU: Triton's compiler and the ptxas shipped in its wheel need none.
 
 The interpreter tests run the kernels' arithmetic, but the interpreter accepts code the compiler
@@ -28,6 +29,7 @@ def _compile_all() -> int:
     except ImportError:
         return SKIP
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import kernels.fused_mlp as fm
     import kernels.gemv as gv
     import kernels.head_norm as hn
     import kernels.gemv_epilogue as ge
@@ -84,6 +86,15 @@ def _compile_all() -> int:
                "sin_ptr": "*bf16", "q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "sp_ptr": "*i32",
                "rows_ptr": "*i64", "slots_ptr": "*i64", "pos_ptr": "*i32", **{k: i32 for k in ints}, "eps": "fp32"},
               dict(D=256, BLOCK_D=256, SPLIT=split, XD=tl.bfloat16, PLUS_ONE=False, V_NORM=v_norm, PDL=True), warps=1)
+    # the MLP as one weight stream: tensor-core and M == 1 paths, then its partial sum
+    for bm in (16, 1):
+        build(fm._mlp_kernel,
+              {"x_ptr": "*bf16", "wgu_ptr": "*bf16", "wd_ptr": "*bf16", "h_ptr": "*bf16", "part_ptr": "*fp32",
+               **{k: i32 for k in ("M", "H", "I", "sxm", "sxk", "sgn", "sgk", "sdn", "sdi", "shm")}},
+              dict(BLOCK_M=bm, GROUP_I=fm.GROUP_I, UNIT=fm.UNIT, BLOCK_K=fm.BLOCK_K, BLOCK_H=fm.BLOCK_H,
+                   USE_DOT=bm > 1, DOT_FP32=False, EVEN_K=True, PDL=bm > 1, PREFETCH=2, W_EVICT=""))
+    build(fm._partials_sum_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32", "P": i32, "MN": i32},
+          dict(BLOCK=fm.REDUCE_BLOCK, BLOCK_P=fm.REDUCE_BLOCK_P, PDL=True))
     return 0
 
 
