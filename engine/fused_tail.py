@@ -129,7 +129,7 @@ def _mlp_fusable(gate_up: Linear, down: Linear, x: torch.Tensor) -> bool:
         return False
     from kernels.fused_mlp import fusable_shapes
 
-    return fusable_shapes(_rows(x).shape[0], gate_up.weight, down.weight, x.device)
+    return fusable_shapes(_rows(x).shape[0], gate_up.weight, down.weight)
 
 
 def _mlp_tail(gate_up: Linear, down: Linear, x: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor,
@@ -139,8 +139,7 @@ def _mlp_tail(gate_up: Linear, down: Linear, x: torch.Tensor, residual: torch.Te
     from kernels.splitk_norm import sandwich_from_partials
 
     part = mlp_sum_triton(_rows(x), gate_up.weight, down.weight)
-    res = residual.to(torch.promote_types(x.dtype, residual.dtype))  # a no-op in the engine
-    return sandwich_from_partials(part, x.dtype, res, w_post, w_next, scalar, eps, plus_one, w_next is not None)
+    return sandwich_from_partials(part, x.dtype, residual, w_post, w_next, scalar, eps, plus_one, w_next is not None)
 
 
 def mlp_sandwich(gate_up: Linear, down: Linear, x: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor,

@@ -73,6 +73,35 @@ def interpreter_guards(run_here: bool, path: str):
     return _needs_interpreter, test_interpreter_in_fresh_process
 
 
+def gemv_mode_fixture():
+    """A parametrized pytest fixture for the GEMV-family kernel tests: the row-invariance switch on, and
+    `kernels.gemv.BATCH_INVARIANT` None (follows that switch: every M on the 16-row tensor-core tile) or
+    False (the M-dependent configs, including the M == 1 CUDA-core path). Use, after `enter_interpreter()`:
+        gemv_mode = _testutil.gemv_mode_fixture()
+    """
+    import pytest
+
+    @pytest.fixture(params=[None, False], ids=["follow-switch", "forced-off"])
+    def gemv_mode(request, monkeypatch):
+        import kernels.gemv as gv
+        import kernels.invariance as invariance
+
+        monkeypatch.setattr(invariance, "ROW_INVARIANT", True)
+        monkeypatch.setattr(gv, "BATCH_INVARIANT", request.param)
+        return request.param
+
+    return gemv_mode
+
+
+def assert_close_scaled(out, ref, rel: dict) -> None:
+    """out equals ref (same dtype and shape) within rel[dtype] times the output scale, max |ref| but at
+    least 1 (kernel outputs against their fp32-accumulating references)."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    tol = rel[ref.dtype] * max(ref.float().abs().max().item(), 1.0)
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= tol, f"max abs err {err:.3e} > {tol:.3e} ({ref.dtype})"
+
+
 # The ops of engine.ops that reduce over a row and so have a row-invariant Triton path.
 ROW_INVARIANT_OPS = ("norm", "add_norm", "sandwich", "norm_rope", "write_kv", "scale_free_norm", "ple_combine")
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, INTERPRET, cdiv, num_sms, pdl_flags, tl, triton
-from .gemv import MAX_M, PREFETCH_TILES, WEIGHT_EVICTION, batch_invariant, linear_small_m_ref
+from ._common import HAS_TRITON, cdiv, pdl_flags, tl, triton
+from .gemv import MAX_M, batch_invariant, linear_small_m_ref, weight_stream_flags
 from .gemv_epilogue import linear_geglu_ref
 
 # Module globals so a benchmark can sweep them (read at launch). GROUP_I: intermediate rows a program owns
@@ -58,6 +58,7 @@ def mlp_ref(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> t
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from ._common import pdl_wait
     from .gemv import _gemv_acc
     from .gemv_epilogue import _gated
 
@@ -142,9 +143,7 @@ if HAS_TRITON:
         """out[j] = sum over p of part[p, j], fp32: BLOCK_P partials per load (a [BLOCK_P, BLOCK] tile summed
         along p), tiles added in p order. The order is fixed by the constexprs alone (bitwise-reproducible,
         and a column's sum does not depend on M)."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        pdl_wait(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < MN
         offs_p = tl.arange(0, BLOCK_P)
@@ -157,12 +156,11 @@ if HAS_TRITON:
         tl.store(out_ptr + offs, acc, mask=ok)
 
 
-def mlp_config(M: int, H: int, I: int, sms: int, config: dict[str, int] | None = None) -> dict[str, int] | None:
+def mlp_config(M: int, H: int, I: int, config: dict[str, int] | None = None) -> dict[str, int] | None:
     """The launch config for x [M, H] (the module globals, then `config`'s overrides), or None when this
     shape cannot run the fused kernel (the caller keeps the two-GEMV path): M <= 16, and I a whole number of
-    GROUP_I slices, each a whole number of UNIT tiles. `sms` is unused: the split follows I alone, so a
+    GROUP_I slices, each a whole number of UNIT tiles. The split follows I alone (not the SM count), so a
     row's result does not depend on the card or on M."""
-    del sms
     block_m = 16 if (batch_invariant() or M > 1) else 1
     cfg = dict(BLOCK_M=block_m, GROUP_I=GROUP_I, UNIT=UNIT, BLOCK_K=BLOCK_K, BLOCK_H=BLOCK_H,
                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
@@ -190,22 +188,19 @@ def mlp_partials_triton(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.
                         config: dict[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(part [P, M, H] fp32, h [M, I] the GeGLU values in x's dtype). `config` overrides `mlp_config`."""
     M, H, I = _check(x, w_gate_up, w_down)
-    cfg = mlp_config(M, H, I, num_sms(x.device), config)
+    cfg = mlp_config(M, H, I, config)
     if cfg is None:
         group, unit = (config or {}).get("GROUP_I", GROUP_I), (config or {}).get("UNIT", UNIT)
         raise ValueError(f"the fused MLP needs M <= {MAX_M} (got {M}) and I ({I}) a multiple of GROUP_I ({group}), "
                          f"itself a multiple of UNIT ({unit})")
     h = torch.empty(M, I, dtype=x.dtype, device=x.device)
     part = torch.empty(cfg["P"], M, H, dtype=torch.float32, device=x.device)
-    dot_fp32 = (x.dtype != w_gate_up.dtype or w_gate_up.dtype == torch.float32
-                or (INTERPRET and w_gate_up.dtype == torch.bfloat16))
     _mlp_kernel[(cfg["P"],)](
         x, w_gate_up, w_down, h, part, M, H, I, x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1),
         w_down.stride(0), w_down.stride(1), h.stride(0),
         BLOCK_M=cfg["BLOCK_M"], GROUP_I=cfg["GROUP_I"], UNIT=cfg["UNIT"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_H=cfg["BLOCK_H"], USE_DOT=cfg["BLOCK_M"] > 1, DOT_FP32=dot_fp32, EVEN_K=H % cfg["BLOCK_K"] == 0,
-        PREFETCH=min(PREFETCH_TILES, max(1, cdiv(H, cfg["BLOCK_K"]))), W_EVICT="" if INTERPRET else WEIGHT_EVICTION,
-        **pdl_flags(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_H=cfg["BLOCK_H"], USE_DOT=cfg["BLOCK_M"] > 1, EVEN_K=H % cfg["BLOCK_K"] == 0,
+        **weight_stream_flags(x, w_gate_up), **pdl_flags(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return part, h
 
 
@@ -231,8 +226,7 @@ def mlp_triton(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
     return mlp_sum_triton(x, w_gate_up, w_down, config)[0].to(x.dtype)
 
 
-def fusable_shapes(M: int, w_gate_up: torch.Tensor, w_down: torch.Tensor, device: torch.device) -> bool:
+def fusable_shapes(M: int, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
     """Whether `mlp_config` accepts this MLP (the engine keeps the two-GEMV path otherwise)."""
     H, I = w_down.shape
-    return (w_gate_up.shape == (2 * I, H) and w_gate_up.stride(1) == 1
-            and mlp_config(M, H, I, num_sms(device)) is not None)
+    return w_gate_up.shape == (2 * I, H) and w_gate_up.stride(1) == 1 and mlp_config(M, H, I) is not None

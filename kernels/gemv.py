@@ -227,13 +227,20 @@ def resolve_config(x: torch.Tensor, w: torch.Tensor, split_k: int | None = None,
     return cfg
 
 
-def kernel_flags(x: torch.Tensor, w: torch.Tensor, cfg: dict[str, int]) -> dict[str, bool | int]:
-    """The dtype/shape constexprs of the K loop (`_gemv_acc`) for this call."""
+def weight_stream_flags(x: torch.Tensor, w: torch.Tensor) -> dict[str, bool | int | str]:
+    """The constexprs of `_gemv_acc`'s K walk that follow from the operands' dtypes and this module's
+    switches (read at launch): exact fp32 dot, tiles requested before the PDL wait, weight-load eviction.
+    Shared by every kernel that streams weights through `_gemv_acc` (`kernels.fused_mlp` too)."""
     dot_fp32 = (x.dtype != w.dtype or w.dtype == torch.float32
                 or (INTERPRET and w.dtype == torch.bfloat16))
+    return dict(DOT_FP32=dot_fp32, PREFETCH=PREFETCH_TILES, W_EVICT="" if INTERPRET else WEIGHT_EVICTION)
+
+
+def kernel_flags(x: torch.Tensor, w: torch.Tensor, cfg: dict[str, int]) -> dict[str, bool | int]:
+    """The dtype/shape constexprs of the K loop (`_gemv_acc`) for this call."""
     even_k = x.shape[1] % cfg["BLOCK_K"] == 0 and cfg["k_per_split"] % cfg["BLOCK_K"] == 0
-    return dict(USE_DOT=cfg["BLOCK_M"] > 1, DOT_FP32=dot_fp32, EVEN_K=even_k, PREFETCH=PREFETCH_TILES,
-                W_EVICT="" if INTERPRET else WEIGHT_EVICTION, **l2_prefetch.launch_args(w))
+    return dict(USE_DOT=cfg["BLOCK_M"] > 1, EVEN_K=even_k, **weight_stream_flags(x, w),
+                **l2_prefetch.launch_args(w))
 
 
 def launch_gemv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, part: torch.Tensor, cfg: dict[str, int]) -> None:

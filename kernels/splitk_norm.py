@@ -92,7 +92,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, w_post: to
     if scalar is not None and scalar.numel() != 1:
         raise ValueError(f"the layer scalar must have one element, got shape {tuple(scalar.shape)}")
     cfg = resolve_config(x, w, split_k, block_k)
-    single, _, block_n, warps = _config(N, 1)  # one row per program: config from N alone
+    single = _config(N, 1)[0]  # one row per program: config from N alone
     M, K = x.shape
     res = residual.to(torch.promote_types(x.dtype, residual.dtype))  # a no-op in the engine
     if cfg["SPLIT_K"] == 1 or not single or M == 0 or K == 0:
@@ -111,15 +111,16 @@ def sandwich_from_partials(part: torch.Tensor, x_dtype: torch.dtype, residual: t
                            w_post: torch.Tensor | None, w_next: torch.Tensor | None, scalar: torch.Tensor | None,
                            eps: float, plus_one: bool, write_y: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The norm half of `linear_sandwich_triton` on a projection's fp32 partial sums part [S, M, N] (summed
-    in s order, rounded to x_dtype): (h, y) shaped like residual (y is h when not write_y). Also the tail of
-    `kernels.fused_mlp`, whose down sums arrive as one partial."""
+    in s order, rounded to x_dtype): (h, y) shaped like residual, in promote(x_dtype, residual)'s dtype (y is
+    h when not write_y). Also the tail of `kernels.fused_mlp`, whose down sums arrive as one partial."""
     S, M, N = part.shape
     single, _, block_n, warps = _config(N, 1)
     if not single:
         raise ValueError(f"rows of {N} are too wide for the one-tile norm kernel")
-    r2 = _rows(residual)
-    h = torch.empty(M, N, dtype=residual.dtype, device=part.device)
-    y = torch.empty(M, N, dtype=residual.dtype, device=part.device) if write_y else h
+    res = residual.to(torch.promote_types(x_dtype, residual.dtype))  # a no-op in the engine
+    r2 = _rows(res)
+    h = torch.empty(M, N, dtype=res.dtype, device=part.device)
+    y = torch.empty(M, N, dtype=res.dtype, device=part.device) if write_y else h
     _splitk_sandwich_kernel[(M,)](
         part, r2, w_post.contiguous() if w_post is not None else part,
         w_next.contiguous() if w_next is not None else part, scalar if scalar is not None else part,

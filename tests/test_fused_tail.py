@@ -141,6 +141,17 @@ def _steps(alias: str, monkeypatch, split_everywhere: bool):
     return model, arch, want, unfused, one, wide, calls
 
 
+def _assert_fused_step(model, want, unfused, one, wide) -> None:
+    """The fused decode step `one` matches the unfused kernels and the CPU reference `want` (fp32, 1e-5 of the
+    scale), row 0 of the 9-wide verify `wide` bit for bit (row invariance holds with the fusions on), and
+    greedy picks the reference's token."""
+    scale = max(1.0, want.abs().max().item())
+    assert (one - unfused).abs().max().item() <= 1e-5 * scale
+    assert (one - want).abs().max().item() <= 1e-5 * scale
+    assert torch.equal(one, wide)
+    assert torch.equal(model.greedy(one), model.greedy(want))
+
+
 @pytest.mark.parametrize("alias,split_everywhere", [("tiny-gemma4", False), ("tiny-gemma4", True),
                                                     ("tiny-gemma3", True)],
                          ids=["gemma4-heuristic", "gemma4-split-everywhere", "gemma3-split-everywhere"])
@@ -153,11 +164,7 @@ def test_fused_decode_step_matches_unfused_and_reference(alias, split_everywhere
     if ple:
         expected.update(linear_add_norm_triton=2 * L, linear_gelu_gate_triton=2 * L)
     assert calls == expected
-    scale = max(1.0, want.abs().max().item())
-    assert (one - unfused).abs().max().item() <= 1e-5 * scale
-    assert (one - want).abs().max().item() <= 1e-5 * scale
-    assert torch.equal(one, wide)  # row invariance holds with the fusions on
-    assert torch.equal(model.greedy(one), model.greedy(want))
+    _assert_fused_step(model, want, unfused, one, wide)
 
 
 @pytest.mark.parametrize("alias,split_everywhere", [("tiny-gemma4", False), ("tiny-gemma3", True)],
@@ -187,8 +194,4 @@ def test_fused_mlp_decode_step_matches_unfused_and_reference(alias, split_everyw
     if ple:
         expected.update(linear_gelu_gate_triton=2 * L)
     assert calls == expected
-    scale = max(1.0, want.abs().max().item())
-    assert (one - unfused).abs().max().item() <= 1e-5 * scale
-    assert (one - want).abs().max().item() <= 1e-5 * scale
-    assert torch.equal(one, wide)  # row invariance holds with the fused MLP
-    assert torch.equal(model.greedy(one), model.greedy(want))
+    _assert_fused_step(model, want, unfused, one, wide)

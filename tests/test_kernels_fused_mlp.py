@@ -43,19 +43,10 @@ def mlp_weights(H, I, dtype, seed=0):
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    scale = max(ref.float().abs().max().item(), 1.0)
-    err = (out.float() - ref.float()).abs().max().item()
-    assert err <= REL[ref.dtype] * scale, f"max abs err {err:.3e} > {REL[ref.dtype] * scale:.3e} ({ref.dtype})"
+    _testutil.assert_close_scaled(out, ref, REL)
 
 
-@pytest.fixture(params=[None, False], ids=["follow-switch", "forced-off"])
-def gemv_mode(request, monkeypatch):
-    """None follows the row-invariance switch (on: every M on the 16-row tensor-core tile); False
-    forces the M-dependent configs, including the M == 1 CUDA-core path."""
-    monkeypatch.setattr(invariance, "ROW_INVARIANT", True)
-    monkeypatch.setattr(gv, "BATCH_INVARIANT", request.param)
-    return request.param
+gemv_mode = _testutil.gemv_mode_fixture()
 
 
 @pytest.fixture
@@ -75,7 +66,7 @@ def test_mlp_matches_reference(dtype, M, H, I, gemv_mode):
     x = rand((M, H), dtype, M)
     w_gate_up, w_down = mlp_weights(H, I, dtype)
     out = fm.mlp_triton(x, w_gate_up, w_down, SMALL)
-    assert fm.mlp_config(M, H, I, 132)["BLOCK_M"] == (1 if (M == 1 and gemv_mode is False) else 16)
+    assert fm.mlp_config(M, H, I)["BLOCK_M"] == (1 if (M == 1 and gemv_mode is False) else 16)
     assert_close(out, fm.mlp_ref(x, w_gate_up, w_down))
 
 
@@ -174,9 +165,8 @@ def test_down_layouts_and_strided_x_bitwise(M, gemv_mode):
 def test_validation_and_fusable_shapes():
     x = rand((3, 128), torch.float32, 10)
     w_gate_up, w_down = mlp_weights(128, 64, torch.float32, 5)
-    cpu = torch.device("cpu")
-    assert fm.fusable_shapes(3, w_gate_up, w_down, cpu)
-    assert fm.fusable_shapes(16, w_gate_up, w_down, cpu)
+    assert fm.fusable_shapes(3, w_gate_up, w_down)
+    assert fm.fusable_shapes(16, w_gate_up, w_down)
     with pytest.raises(ValueError):
         fm.mlp_triton(x, w_gate_up, w_down[:, :32])  # w_down not [H, I]
     with pytest.raises(ValueError):
@@ -187,21 +177,21 @@ def test_validation_and_fusable_shapes():
         fm.mlp_triton(x[:, :100], w_gate_up, w_down)  # x's width is not H
     with pytest.raises(ValueError):
         fm.mlp_triton(x, w_gate_up.t().contiguous().t(), w_down)  # w_gate_up must be row-major
-    assert not fm.fusable_shapes(3, w_gate_up.t().contiguous().t(), w_down, cpu)
+    assert not fm.fusable_shapes(3, w_gate_up.t().contiguous().t(), w_down)
     with pytest.raises(ValueError):
         fm.mlp_triton(rand((17, 128), torch.float32, 11), w_gate_up, w_down)  # M > 16
-    assert not fm.fusable_shapes(17, w_gate_up, w_down, cpu)
+    assert not fm.fusable_shapes(17, w_gate_up, w_down)
     w_gu96, w_d96 = mlp_weights(128, 96, torch.float32, 6)  # I = 96: not a multiple of GROUP_I = 64
     assert 96 % fm.GROUP_I
     with pytest.raises(ValueError):
         fm.mlp_triton(x, w_gu96, w_d96)
-    assert not fm.fusable_shapes(3, w_gu96, w_d96, cpu)
+    assert not fm.fusable_shapes(3, w_gu96, w_d96)
     with pytest.raises(ValueError):
         fm.mlp_triton(x, w_gate_up, w_down, dict(GROUP_I=32, UNIT=32 + 16))  # GROUP_I not a multiple of UNIT
     with pytest.raises(ValueError):
         fm.mlp_triton(x, w_gate_up, w_down, dict(GROUP_I=48, UNIT=16))  # GROUP_I does not divide I = 64
-    assert not fm.fusable_shapes(3, w_gate_up[:64], w_down, cpu)  # gate_up does not match down's I
-    assert not fm.fusable_shapes(3, w_gate_up, w_down[:, :32], cpu)
+    assert not fm.fusable_shapes(3, w_gate_up[:64], w_down)  # gate_up does not match down's I
+    assert not fm.fusable_shapes(3, w_gate_up, w_down[:, :32])
 
 
 def test_bf16_smoke(row_invariant):

@@ -30,19 +30,10 @@ def rand(shape, dtype, seed, scale=1.0):
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    scale = max(ref.float().abs().max().item(), 1.0)
-    err = (out.float() - ref.float()).abs().max().item()
-    assert err <= REL[ref.dtype] * scale, f"max abs err {err:.3e} > {REL[ref.dtype] * scale:.3e} ({ref.dtype})"
+    _testutil.assert_close_scaled(out, ref, REL)
 
 
-@pytest.fixture(params=[None, False], ids=["follow-switch", "forced-off"])
-def gemv_mode(request, monkeypatch):
-    """None follows the row-invariance switch (on: every M on the 16-row tensor-core tile); False
-    forces the M-dependent configs, including the M == 1 CUDA-core path."""
-    monkeypatch.setattr(invariance, "ROW_INVARIANT", True)
-    monkeypatch.setattr(gv, "BATCH_INVARIANT", request.param)
-    return request.param
+gemv_mode = _testutil.gemv_mode_fixture()
 
 
 # (I or N, K, split_k, block_k): no split; forced split with a ragged last tile; the heuristic's own

@@ -24,11 +24,7 @@ EPS = 1e-6
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    rel = {torch.float32: 4e-6, torch.float16: 2 ** -8}[ref.dtype]
-    tol = rel * max(ref.float().abs().max().item(), 1.0)
-    err = (out.float() - ref.float()).abs().max().item()
-    assert err <= tol, f"max abs err {err:.3e} > {tol:.3e} ({ref.dtype})"
+    _testutil.assert_close_scaled(out, ref, {torch.float32: 4e-6, torch.float16: 2 ** -8})
 
 
 def qkv_slices(B, T, H, Hkv, D, dtype, seed):

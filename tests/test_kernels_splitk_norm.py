@@ -44,10 +44,7 @@ def operands(M, N, K, dtype, seed, res_dtype=None):
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    tol = REL[ref.dtype] * max(ref.float().abs().max().item(), 1.0)
-    err = (out.float() - ref.float()).abs().max().item()
-    assert err <= tol, f"max abs err {err:.3e} > {tol:.3e} ({ref.dtype})"
+    _testutil.assert_close_scaled(out, ref, REL)
 
 
 def unfused(x, w, r, w_post, w_next, scalar, plus_one, **kw):
