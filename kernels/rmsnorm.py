@@ -78,10 +78,17 @@ if HAS_TRITON:
         return tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
 
     @triton.jit
+    def _layer_scalar(s_ptr, HAS_SCALAR: tl.constexpr):
+        """Gemma 4's layer scalar (a one-element weight) in fp32; 1 without one."""
+        if HAS_SCALAR:
+            return tl.load(s_ptr).to(tl.float32)
+        else:
+            return 1.0
+
+    @triton.jit
     def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, R, N, sxr, syr, eps,
                         HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr, SINGLE: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-        pdl_wait(PDL)
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = rows[:, None] < R
         xrow = x_ptr + rows.to(tl.int64)[:, None] * sxr
@@ -90,11 +97,16 @@ if HAS_TRITON:
             cols = tl.arange(0, BLOCK_N)
             c_ok = cols < N
             m = r_ok & c_ok[None, :]
+            # the norm weight is a weight: read before the PDL wait (it streams while the previous kernel
+            # finishes), not after the row reduction, whose barrier would serialise a second memory round trip
+            w = _scale(w_ptr, cols, c_ok, HAS_W, PLUS_ONE)
+            pdl_wait(PDL)
             x = tl.load(xrow + cols[None, :], mask=m, other=0.0).to(tl.float32)
             inv = _rms_inv(x, N, eps)
-            y = x * inv[:, None] * _scale(w_ptr, cols, c_ok, HAS_W, PLUS_ONE)
+            y = x * inv[:, None] * w
             tl.store(yrow + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
         else:
+            pdl_wait(PDL)
             ss = tl.zeros([BLOCK_R], tl.float32)
             for c0 in range(0, N, BLOCK_N):
                 cols = c0 + tl.arange(0, BLOCK_N)
@@ -110,36 +122,36 @@ if HAS_TRITON:
                 tl.store(yrow + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _h_values(x, r, inv, wpost, s_ptr, X_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr,
+    def _h_values(x, r, inv, wpost, scalar, X_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr,
                   HAS_SCALAR: tl.constexpr):
-        """h = residual + cast_x(norm(x)), rounded to h's dtype, then times the layer scalar (a
-        one-element tensor) rounded again: the reference's rounding order. x and r in fp32 (x holds
+        """h = residual + cast_x(norm(x)), rounded to h's dtype, then times the layer scalar (fp32, from
+        `_layer_scalar`) rounded again: the reference's rounding order. x and r in fp32 (x holds
         values of X_DTYPE); shared with the split-K reduce + norm kernel of `kernels.splitk_norm`."""
         n = (x * inv[:, None] * wpost).to(X_DTYPE).to(tl.float32)
         h = (r + n).to(H_DTYPE)
         if HAS_SCALAR:
-            h = (h.to(tl.float32) * tl.load(s_ptr).to(tl.float32)).to(H_DTYPE)
+            h = (h.to(tl.float32) * scalar).to(H_DTYPE)
         return h
 
     @triton.jit
-    def _store_h_y(h, h_ptrs, y_ptrs, m, wpre_ptr, cols, c_ok, N, eps, HAS_WPRE: tl.constexpr,
-                   PLUS_ONE: tl.constexpr, WRITE_Y: tl.constexpr):
-        """Single-tile epilogue: store h, then (WRITE_Y) the next layer's input y = norm(h) * w_pre.
-        Shared with the split-K reduce + norm kernel of `kernels.splitk_norm`."""
+    def _store_h_y(h, h_ptrs, y_ptrs, m, wpre, N, eps, WRITE_Y: tl.constexpr):
+        """Single-tile epilogue: store h, then (WRITE_Y) the next layer's input y = norm(h) * wpre, wpre the
+        `_scale` row of the next norm (loaded by the caller before its PDL wait). Shared with the split-K
+        reduce + norm kernel of `kernels.splitk_norm`."""
         tl.store(h_ptrs, h, mask=m)
         if WRITE_Y:
             hf = h.to(tl.float32)
             inv2 = _rms_inv(hf, N, eps)
-            y = hf * inv2[:, None] * _scale(wpre_ptr, cols, c_ok, HAS_WPRE, PLUS_ONE)
+            y = hf * inv2[:, None] * wpre
             tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _h_tile(x_ptrs, r_ptrs, m, inv, wpost, s_ptr, X_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr,
+    def _h_tile(x_ptrs, r_ptrs, m, inv, wpost, scalar, X_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr,
                 HAS_SCALAR: tl.constexpr):
         """`_h_values` of the x and residual tiles at these pointers."""
         x = tl.load(x_ptrs, mask=m, other=0.0).to(tl.float32)
         r = tl.load(r_ptrs, mask=m, other=0.0).to(tl.float32)
-        return _h_values(x, r, inv, wpost, s_ptr, X_DTYPE, H_DTYPE, HAS_SCALAR)
+        return _h_values(x, r, inv, wpost, scalar, X_DTYPE, H_DTYPE, HAS_SCALAR)
 
     @triton.jit
     def _sandwich_kernel(x_ptr, r_ptr, wpost_ptr, wpre_ptr, s_ptr, h_ptr, y_ptr, R, N,
@@ -148,24 +160,30 @@ if HAS_TRITON:
                          HAS_SCALAR: tl.constexpr, WRITE_Y: tl.constexpr,
                          SINGLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                          PDL: tl.constexpr):
-        pdl_wait(PDL)
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rows64 = rows.to(tl.int64)[:, None]
         r_ok = rows[:, None] < R
         X_DTYPE = x_ptr.dtype.element_ty
         H_DTYPE = h_ptr.dtype.element_ty
+        scalar = _layer_scalar(s_ptr, HAS_SCALAR)  # a weight: before the PDL wait
         if SINGLE:
             cols = tl.arange(0, BLOCK_N)
             c_ok = cols < N
             m = r_ok & c_ok[None, :]
+            # Weights (both norms' rows) before the PDL wait, then every activation load at once (x and the
+            # residual): one memory round trip after the wait instead of three (each load issued after a
+            # row reduction waits behind its barrier).
+            wpost = _scale(wpost_ptr, cols, c_ok, HAS_WPOST, PLUS_ONE)
+            wpre = _scale(wpre_ptr, cols, c_ok, HAS_WPRE, PLUS_ONE)
+            pdl_wait(PDL)
             x = tl.load(x_ptr + rows64 * sxr + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + rows64 * srr + cols[None, :], mask=m, other=0.0).to(tl.float32)
             inv = _rms_inv(x, N, eps)
-            h = _h_tile(x_ptr + rows64 * sxr + cols[None, :], r_ptr + rows64 * srr + cols[None, :], m,
-                        inv, _scale(wpost_ptr, cols, c_ok, HAS_WPOST, PLUS_ONE), s_ptr, X_DTYPE, H_DTYPE,
-                        HAS_SCALAR)
-            _store_h_y(h, h_ptr + rows64 * shr + cols[None, :], y_ptr + rows64 * syr + cols[None, :], m, wpre_ptr,
-                       cols, c_ok, N, eps, HAS_WPRE, PLUS_ONE, WRITE_Y)
+            h = _h_values(x, r, inv, wpost, scalar, X_DTYPE, H_DTYPE, HAS_SCALAR)
+            _store_h_y(h, h_ptr + rows64 * shr + cols[None, :], y_ptr + rows64 * syr + cols[None, :], m, wpre,
+                       N, eps, WRITE_Y)
         else:
+            pdl_wait(PDL)
             # Wide rows: pass 1 sums x^2, pass 2 writes h and sums h^2, pass 3 recomputes h from
             # x and residual (instead of re-reading the h just stored: no cross-thread hazard).
             ss = tl.zeros([BLOCK_R], tl.float32)
@@ -181,7 +199,7 @@ if HAS_TRITON:
                 c_ok = cols < N
                 m = r_ok & c_ok[None, :]
                 h = _h_tile(x_ptr + rows64 * sxr + cols[None, :], r_ptr + rows64 * srr + cols[None, :], m,
-                            inv, _scale(wpost_ptr, cols, c_ok, HAS_WPOST, PLUS_ONE), s_ptr, X_DTYPE, H_DTYPE,
+                            inv, _scale(wpost_ptr, cols, c_ok, HAS_WPOST, PLUS_ONE), scalar, X_DTYPE, H_DTYPE,
                             HAS_SCALAR)
                 tl.store(h_ptr + rows64 * shr + cols[None, :], h, mask=m)
                 hf = h.to(tl.float32)
@@ -193,7 +211,7 @@ if HAS_TRITON:
                     c_ok = cols < N
                     m = r_ok & c_ok[None, :]
                     h = _h_tile(x_ptr + rows64 * sxr + cols[None, :], r_ptr + rows64 * srr + cols[None, :],
-                                m, inv, _scale(wpost_ptr, cols, c_ok, HAS_WPOST, PLUS_ONE), s_ptr, X_DTYPE,
+                                m, inv, _scale(wpost_ptr, cols, c_ok, HAS_WPOST, PLUS_ONE), scalar, X_DTYPE,
                                 H_DTYPE, HAS_SCALAR)
                     y = h.to(tl.float32) * inv2[:, None] * _scale(wpre_ptr, cols, c_ok, HAS_WPRE, PLUS_ONE)
                     tl.store(y_ptr + rows64 * syr + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)

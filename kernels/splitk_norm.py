@@ -54,7 +54,7 @@ def linear_add_norm_ref(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
     from ._common import pdl_wait
-    from .rmsnorm import _h_values, _rms_inv, _scale, _store_h_y
+    from .rmsnorm import _h_values, _layer_scalar, _rms_inv, _scale, _store_h_y
 
     @triton.jit
     def _splitk_sandwich_kernel(part_ptr, r_ptr, wpost_ptr, wpre_ptr, s_ptr, h_ptr, y_ptr, M, N,
@@ -64,22 +64,26 @@ if HAS_TRITON:
                                 WRITE_Y: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
         """One program per row; part [SPLIT_K, M, N] fp32. Tiles are [1, BLOCK_N], as the sandwich
         kernel's single-tile path with one row per program."""
-        pdl_wait(PDL)
         row = tl.program_id(0)
         row64 = row.to(tl.int64)
         cols = tl.arange(0, BLOCK_N)
         c_ok = cols < N
         m = c_ok[None, :]
+        # Weights (both norm rows, the layer scalar) before the PDL wait; after it, the partials and the
+        # residual in one round of loads (the residual was issued after the row reduction's barrier).
+        wpost = _scale(wpost_ptr, cols, c_ok, HAS_WPOST, PLUS_ONE)
+        wpre = _scale(wpre_ptr, cols, c_ok, HAS_WPRE, PLUS_ONE)
+        scalar = _layer_scalar(s_ptr, HAS_SCALAR)
+        pdl_wait(PDL)
         x = tl.zeros([1, BLOCK_N], tl.float32)
         for s in tl.static_range(SPLIT_K):  # the split-K reduction, in the reduce kernel's order
             x += tl.load(part_ptr + (s * M + row64) * N + cols[None, :], mask=m, other=0.0)
+        r = tl.load(r_ptr + row64 * srr + cols[None, :], mask=m, other=0.0).to(tl.float32)
         x = x.to(X_DTYPE).to(tl.float32)  # the GEMV output's rounding
         inv = _rms_inv(x, N, eps)
-        r = tl.load(r_ptr + row64 * srr + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        h = _h_values(x, r, inv, _scale(wpost_ptr, cols, c_ok, HAS_WPOST, PLUS_ONE), s_ptr, X_DTYPE,
-                      h_ptr.dtype.element_ty, HAS_SCALAR)
-        _store_h_y(h, h_ptr + row64 * shr + cols[None, :], y_ptr + row64 * syr + cols[None, :], m, wpre_ptr, cols, c_ok,
-                   N, eps, HAS_WPRE, PLUS_ONE, WRITE_Y)
+        h = _h_values(x, r, inv, wpost, scalar, X_DTYPE, h_ptr.dtype.element_ty, HAS_SCALAR)
+        _store_h_y(h, h_ptr + row64 * shr + cols[None, :], y_ptr + row64 * syr + cols[None, :], m, wpre, N, eps,
+                   WRITE_Y)
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor | None,
