@@ -1,11 +1,15 @@
-"""A/B of two source trees (e.g. a `git archive` of the base commit vs the working tree) on the graphed
-decode and verify step, E4B geometry, RANDOM bf16 weights, batch 1, context 256.
+"""A/B of source trees and environment switches (e.g. a `git archive` of the base commit vs the working
+tree, or the working tree with VKAE_* switches) on the graphed decode and verify step, E4B geometry, RANDOM
+bf16 weights, batch 1, context 256.
 
 Kernels are module-level code, so two versions cannot share one process: each round runs one child process
-per tree (order alternating round by round), each child times `--iters` replays of its captured decode
+per variant (order rotating round by round), each child times `--iters` replays of its captured decode
 (T = 1) and verify (T = 9) graphs and reports the final hidden state's checksum, so a bitwise-neutral
-change shows equal checksums. Prints a table (medians over rounds) and ends with one JSON line.
-Usage: python scripts/ab_trees_gpu.py --base .stage/base [--rounds 3] [--iters 100]
+change shows equal checksums. The first variant is the reference of the ratios. Prints a table (medians
+over rounds) and ends with one JSON line.
+Usage: python scripts/ab_trees_gpu.py --variant base=.stage/base --variant head=. \
+           --variant reg128=.:VKAE_GEMV_MAXNREG=128 [--rounds 3] [--iters 100]
+       (--base DIR is short for --variant base=DIR --variant head=.)
 """
 from __future__ import annotations
 
@@ -53,8 +57,10 @@ def child(root: str, iters: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base", required=True, help="root of the base tree")
+    ap.add_argument("--base", help="root of the base tree (with --head: the two variants base and head)")
     ap.add_argument("--head", default=HERE, help="root of the tree under test (default: this one)")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=ROOT[:ENV=VALUE[,ENV=VALUE...]] (repeatable; the first is the reference)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -62,37 +68,56 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args.child, args.iters)), flush=True)
         return 0
-    trees = {"base": os.path.abspath(args.base), "head": os.path.abspath(args.head)}
-    runs: dict[str, list[dict]] = {k: [] for k in trees}
+    variants: dict[str, tuple[str, dict[str, str]]] = {}
+    if args.base:
+        variants["base"] = (os.path.abspath(args.base), {})
+        variants["head"] = (os.path.abspath(args.head), {})
+    for spec in args.variant:
+        name, _, rest = spec.partition("=")
+        root, _, envs = rest.partition(":")
+        if not name or not root or name in variants:
+            raise SystemExit(f"bad or repeated --variant {spec!r}: want NAME=ROOT[:ENV=VALUE,...]")
+        env = dict(e.split("=", 1) for e in envs.split(",") if e)
+        variants[name] = (os.path.abspath(root), env)
+    if len(variants) < 2:
+        raise SystemExit("need two variants at least (--base DIR, or --variant twice)")
+    names = list(variants)
+    runs: dict[str, list[dict]] = {k: [] for k in names}
     for r in range(args.rounds):
-        for name in (("base", "head") if r % 2 == 0 else ("head", "base")):
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--base", trees["base"], "--child",
-                                trees[name], "--iters", str(args.iters)], capture_output=True, text=True,
-                               cwd=trees[name])
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            root, env = variants[name]
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", root, "--iters",
+                                str(args.iters)], capture_output=True, text=True, cwd=root,
+                               env={**os.environ, **env})
             if p.returncode != 0:
                 print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
                 raise SystemExit(f"child for {name} failed (rc {p.returncode})")
             runs[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
             print(f"round {r} {name}: {runs[name][-1]}", flush=True)
-    res: dict = {"weights": "random", "geometry": "gemma-4-e4b", "rounds": args.rounds, "iters": args.iters}
+    res: dict = {"weights": "random", "geometry": "gemma-4-e4b", "rounds": args.rounds, "iters": args.iters,
+                 "variants": {k: {"root": v[0], "env": v[1]} for k, v in variants.items()}}
+    ref = names[0]
     for name, rs in runs.items():
         for key in ("decode_ms", "verify_ms"):
             res[f"{name}_{key}"] = statistics.median(x[key] for x in rs)
         res[f"{name}_checksums"] = sorted({x["checksum"] for x in rs})
-    for key in ("decode_ms", "verify_ms"):
-        res[f"speedup_{key.split('_')[0]}"] = res[f"base_{key}"] / res[f"head_{key}"]
-    res["bitwise_same_checksum"] = res["base_checksums"] == res["head_checksums"]
+    for name in names[1:]:
+        for key in ("decode_ms", "verify_ms"):
+            res[f"{name}_speedup_{key.split('_')[0]}"] = res[f"{ref}_{key}"] / res[f"{name}_{key}"]
+        res[f"{name}_same_checksum"] = res[f"{name}_checksums"] == res[f"{ref}_checksums"]
     try:
         import torch
 
         res["gpu"] = torch.cuda.get_device_name(0)
     except Exception:  # noqa: BLE001 - the table still prints without a name
         res["gpu"] = "unknown"
-    print(f"{'tree':<6} {'decode ms':>10} {'verify ms':>10}")
-    for name in trees:
-        print(f"{name:<6} {res[f'{name}_decode_ms']:>10.3f} {res[f'{name}_verify_ms']:>10.3f}")
-    print(f"head vs base: decode {res['speedup_decode']:.3f}x, verify {res['speedup_verify']:.3f}x; "
-          f"same checksum: {res['bitwise_same_checksum']}")
+    print(f"GPU {res['gpu']}; E4B geometry, RANDOM bf16 weights; medians of {args.rounds} rounds")
+    print(f"{'variant':<10} {'decode ms':>10} {'verify ms':>10} {'vs ' + ref:>14} {'same bits':>10}")
+    for name in names:
+        ratio = "" if name == ref else (f"{res[f'{name}_speedup_decode']:.3f}x/"
+                                        f"{res[f'{name}_speedup_verify']:.3f}x")
+        same = "" if name == ref else str(res[f"{name}_same_checksum"])
+        print(f"{name:<10} {res[f'{name}_decode_ms']:>10.3f} {res[f'{name}_verify_ms']:>10.3f} {ratio:>14} {same:>10}")
     print(json.dumps(res))
     return 0
 

@@ -37,11 +37,14 @@ def _compile_all() -> int:
 
     target = GPUTarget("cuda", 90, 32)
 
-    def build(fn, sig: dict[str, str], consts: dict, warps: int = 4) -> None:
+    def build(fn, sig: dict[str, str], consts: dict, warps: int = 4, maxnreg: int | None = None) -> None:
         src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
-        kernel = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": 4})
+        options = {"num_warps": warps, "num_stages": 4, **({"maxnreg": maxnreg} if maxnreg else {})}
+        kernel = triton.compile(src, target=target, options=options)
         assert kernel.asm.get("cubin"), fn.__name__
         ptx = kernel.asm["ptx"]
+        # the register cap of kernels.gemv.MAX_REGISTERS reaches ptxas as .maxnreg
+        assert (f".maxnreg {maxnreg}" in ptx) == bool(maxnreg), fn.__name__
         # PDL (programmatic dependent launch): the wait must be in the code exactly when asked for
         assert ("griddepcontrol.wait" in ptx) == consts["PDL"], fn.__name__
         # the L2 prefetch of the next weights (kernels.l2_prefetch): one bulk prefetch per segment asked for
@@ -61,7 +64,7 @@ def _compile_all() -> int:
                          W_EVICT="evict_first" if split > 1 else "", PF_SEGS=3 if split > 1 else 0,
                          PF_AT_END=bm == 1)
             build(gv._gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32",
-                                    "N": i32, **strides}, flags)
+                                    "N": i32, **strides}, flags, maxnreg=128 if split > 1 else None)
             for geglu in (True, False):
                 build(ge._gemv_act_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "o_ptr": "*bf16", "y_ptr": "*bf16",
                                             "part_ptr": "*fp32", "NY": i32, "som": i32, "son": i32, **strides},
