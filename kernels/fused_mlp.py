@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ._common import HAS_TRITON, cdiv, pdl_flags, tl, triton
-from .gemv import MAX_M, batch_invariant, launch_options, linear_small_m_ref, weight_stream_flags
+from .gemv import MAX_M, batch_invariant, linear_small_m_ref, weight_stream_flags
 from .gemv_epilogue import linear_geglu_ref
 
 # Module globals so a benchmark can sweep them (read at launch). GROUP_I: intermediate rows a program owns
@@ -200,7 +200,7 @@ def mlp_partials_triton(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.
         w_down.stride(0), w_down.stride(1), h.stride(0),
         BLOCK_M=cfg["BLOCK_M"], GROUP_I=cfg["GROUP_I"], UNIT=cfg["UNIT"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_H=cfg["BLOCK_H"], USE_DOT=cfg["BLOCK_M"] > 1, EVEN_K=H % cfg["BLOCK_K"] == 0,
-        **weight_stream_flags(x, w_gate_up), **pdl_flags(x), **launch_options(cfg))
+        **weight_stream_flags(x, w_gate_up), **pdl_flags(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return part, h
 
 

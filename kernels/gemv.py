@@ -33,7 +33,8 @@ SPLIT_BELOW_WAVES = 2.0
 # None follows the row-invariance switch (`kernels.invariance.ROW_INVARIANT`, on by default: the
 # attention and norm kernels must be invariant too for that to hold); True / False force it (A/B runs).
 BATCH_INVARIANT: bool | None = None
-# Weight tiles each GEMV program requests before its PDL wait (`_gemv_acc`); read at launch (A/B runs).
+# Weight tiles each GEMV program requests before its PDL wait (`_gemv_acc`; env VKAE_GEMV_PREFETCH_TILES); read
+# at launch (A/B runs).
 # H100, E4B decode step with PDL: 1 tile 4.788 ms, 2 tiles 4.756 ms (bitwise equal results).
 PREFETCH_TILES = int(os.environ.get("VKAE_GEMV_PREFETCH_TILES", "2"))
 # L2 eviction priority of the weight loads ("" = the default, "evict_first": a weight line is dead once
@@ -41,21 +42,6 @@ PREFETCH_TILES = int(os.environ.get("VKAE_GEMV_PREFETCH_TILES", "2"))
 WEIGHT_EVICTION = os.environ.get("VKAE_WEIGHT_EVICTION", "")
 if WEIGHT_EVICTION not in ("", "evict_first", "evict_last"):
     raise ValueError(f"VKAE_WEIGHT_EVICTION must be empty, evict_first or evict_last; got {WEIGHT_EVICTION!r}")
-
-
-# Register cap of every weight-streaming GEMV kernel (`launch_options`; env VKAE_GEMV_MAXNREG, 0 = the
-# compiler's choice). At the row-invariant tile the compiler takes 168 registers a thread (sm_90, 4 warps):
-# 3 programs per SM, so the SM has 3 programs' weight loads in flight. Capped at 128 (no spills) 4 fit.
-# Register allocation changes no arithmetic: results are bitwise equal either way. Read at launch.
-MAX_REGISTERS: int = int(os.environ.get("VKAE_GEMV_MAXNREG", "0") or 0)
-
-
-def launch_options(cfg: dict[str, int]) -> dict[str, int]:
-    """The compile options of a GEMV-family launch: warps, pipeline depth and the register cap."""
-    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    if MAX_REGISTERS > 0 and not INTERPRET:
-        opts["maxnreg"] = MAX_REGISTERS
-    return opts
 
 
 def batch_invariant() -> bool:
@@ -267,7 +253,7 @@ def launch_gemv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, part: torch.T
         x, w, y, part, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         y.stride(0), y.stride(1), cfg["k_per_split"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
-        **kernel_flags(x, w, cfg), **pdl_flags(x), **launch_options(cfg))
+        **kernel_flags(x, w, cfg), **pdl_flags(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def linear_small_m_triton(x: torch.Tensor, w: torch.Tensor, split_k: int | None = None,

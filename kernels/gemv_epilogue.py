@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import HAS_TRITON, cdiv, pdl_flags, tl, tl_dtype, triton
-from .gemv import kernel_flags, launch_options, linear_small_m_ref, resolve_config
+from .gemv import kernel_flags, linear_small_m_ref, resolve_config
 
 REDUCE_BLOCK = 1024
 
@@ -173,7 +173,7 @@ def _launch(geglu: bool, x: torch.Tensor, w: torch.Tensor, other: torch.Tensor |
         x, w, o, y, part, M, NY, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         o.stride(0), o.stride(1), y.stride(0), y.stride(1), cfg["k_per_split"],
         GEGLU=geglu, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-        **kernel_flags(x, w, cfg), **pdl_flags(x), **launch_options(cfg))
+        **kernel_flags(x, w, cfg), **pdl_flags(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:
         _splitk_act_kernel[(cdiv(M * NY, REDUCE_BLOCK),)](
             part, o, y, M, NY, o.stride(0), o.stride(1), y.stride(0), y.stride(1),

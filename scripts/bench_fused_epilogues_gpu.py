@@ -9,7 +9,10 @@ weights, batch 1, in one process:
 Each mode has its own Generator (graphs are captured with the switch as it was at capture time).
 `--switch qkv` runs the same A/B for the fused q/k/v epilogue alone (VKAE_FUSED_QKV: q/k/v GEMV, then one
 launch for the split-K reduction, q norm + RoPE and the K/V norms + RoPE + cache write), the other fusions on;
-its arithmetic is the unfused path's, so fused vs unfused must be bitwise equal. `--switch mlp`: the MLP as
+its arithmetic is the unfused path's, so fused vs unfused must be bitwise equal. `--switch ticket`: o_proj /
+down / PLE projection with their residual add + norms run by the GEMV's last program (`kernels.gemv_ticket`,
+VKAE_TICKET_EPILOGUE) vs the split-K sandwich kernel after the GEMV (its norm reductions run on 4 warps, not 8:
+bf16 noise, not bitwise). `--switch mlp`: the MLP as
 one weight stream (VKAE_FUSED_MLP, `kernels.fused_mlp`) vs the two GEMVs (its down sums run in another order:
 bf16 noise, not bitwise).
 Prints a table and ends with one JSON line.
@@ -29,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import engine.fused_tail as fused_tail  # noqa: E402
 import engine.linear as linear_mod  # noqa: E402
+import kernels.gemv_ticket as gemv_ticket  # noqa: E402
 import kernels.invariance as invariance  # noqa: E402
 from engine.generate import Generator  # noqa: E402
 from engine.knobs import Knobs  # noqa: E402
@@ -39,12 +43,14 @@ WIDTH = 9  # K + 1 with K = 8 draft tokens
 PROMPT = list(range(3, 259))
 MODES = {"fused": True, "unfused": False}
 TOKEN_HI = 1000  # random token ids below this
-SWITCHES = {"epilogues": "FUSED_EPILOGUES", "qkv": "FUSED_QKV", "mlp": "FUSED_MLP"}
-SWITCH = SWITCHES["epilogues"]  # the fused_tail attribute this run flips (--switch)
+# --switch name -> (module, attribute) this run flips
+SWITCHES = {"epilogues": (fused_tail, "FUSED_EPILOGUES"), "qkv": (fused_tail, "FUSED_QKV"),
+            "mlp": (fused_tail, "FUSED_MLP"), "ticket": (gemv_ticket, "TICKETED")}
+SWITCH = SWITCHES["epilogues"]
 
 
 def set_mode(fused: bool) -> None:
-    setattr(fused_tail, SWITCH, fused)
+    setattr(*SWITCH, fused)
 
 
 def make_generator(lm, fused: bool, positions: torch.Tensor) -> Generator:
@@ -131,13 +137,13 @@ def main() -> int:
     p = len(PROMPT)
     positions = (torch.arange(WIDTH, device=dev) + p)[None]
     tokens = torch.randint(3, TOKEN_HI, (1, WIDTH), device=dev, generator=torch.Generator(dev).manual_seed(0))
-    env_default = getattr(fused_tail, SWITCH)
+    env_default = getattr(*SWITCH)
     gens = {m: make_generator(lm, fused, positions) for m, fused in MODES.items()}
     set_mode(env_default)  # graphs already captured keep their mode
 
     res: dict = {"device": torch.cuda.get_device_name(), "geometry": "gemma-4-e4b", "weights": "random",
                  "dtype": "bfloat16", "row_invariant": invariance.ROW_INVARIANT, "width": WIDTH,
-                 "gemv_policy": linear_mod.GEMV_POLICY, "switch": SWITCH}
+                 "gemv_policy": linear_mod.GEMV_POLICY, "switch": SWITCH[1]}
     res["kernels_per_step"] = {m: {"decode": kernels_per_step(gens[m], f, tokens[:, :1], positions[:, :1]),
                                    "verify": kernels_per_step(gens[m], f, tokens, positions)}
                                for m, f in MODES.items()}
