@@ -50,7 +50,11 @@ def attend_cache(q: torch.Tensor, cache, positions: torch.Tensor, window: int | 
     if q.is_cuda and _TRITON_ATTENTION:
         from kernels.decode_attention import decode_attention
 
-        return decode_attention(q, cache.k, cache.v, cache.slot_pos, positions, window or 0, scale, softcap)
+        # A ring (sliding layer) is full once a stream passes its window, so its K/V are loaded without
+        # waiting for the slot positions; caches start zeroed (engine.cache), so every slot is finite.
+        # Linear caches are mostly empty at short contexts: there the visibility mask saves the loads.
+        return decode_attention(q, cache.k, cache.v, cache.slot_pos, positions, window or 0, scale, softcap,
+                                finite_cache=cache.ring)
     k, v, slot_pos = cache.k, cache.v, cache.slot_pos
     if not cache.ring and not q.is_cuda:
         # A linear cache holds position p in slot p, so slots past the newest query are never visible:

@@ -82,7 +82,8 @@ if HAS_TRITON:
                      S, T, HQ, HKV, window, split_len, qk_scale, softcap,
                      G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr):
+                     HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, EAGER_KV: tl.constexpr,
+                     PDL: tl.constexpr):
         pdl_wait(PDL)
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -120,11 +121,22 @@ if HAS_TRITON:
             vis = (sp[None, :] > lo[:, None]) & (sp[None, :] <= qp[:, None])
             # A key no row can see is never fetched (predicated off): empty/out-of-window tiles
             # cost only their slot_pos bytes. This also keeps garbage in empty slots out.
-            need = tl.max(vis.to(tl.int32), axis=0) > 0
+            if EAGER_KV:
+                # Every in-range slot, issued with the slot positions: no load waits for another (the ring
+                # of a sliding layer is full once the stream passes its window). The cache must hold
+                # finite values everywhere (the engine's caches start zeroed): an invisible key's score is
+                # replaced by -inf and its value is multiplied by p = 0.
+                need = offs_n < end
+            else:
+                need = tl.max(vis.to(tl.int32), axis=0) > 0
             k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd,
+                        mask=need[:, None], other=0.0)
+            # V with K (one round of loads), not after the softmax, whose reductions would order it after
+            v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
                         mask=need[:, None], other=0.0)
             if DOT_FP32:
                 k = k.to(tl.float32)
+                v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k))
             if HAS_SOFTCAP:
                 # softcap * tanh(x / softcap), tanh via exp: no libdevice, works in the interpreter.
@@ -138,10 +150,6 @@ if HAS_TRITON:
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd,
-                        mask=need[:, None], other=0.0)
-            if DOT_FP32:
-                v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
@@ -171,9 +179,13 @@ if HAS_TRITON:
         denom = tl.sum(tl.exp2(lse - m), axis=0)
         offs_d = tl.arange(0, D)
         acc = tl.zeros([D], tl.float32)
-        for s in range(0, NUM_SPLITS):
-            w = tl.exp2(tl.load(lse_ptr + row * NUM_SPLITS + s) - m)  # empty split: exp2(-inf) = 0
-            acc += w * tl.load(opart_ptr + (row * NUM_SPLITS + s) * D + offs_d)
+        weights = tl.exp2(lse - m)  # empty split (or past NUM_SPLITS): exp2(-inf) = 0
+        # Unrolled over BLOCK_S (>= NUM_SPLITS) so every split's loads are issued at once; the sum still runs
+        # in split order, and a split past NUM_SPLITS adds 0 * 0 = 0 (acc unchanged, bit for bit).
+        for s in tl.static_range(BLOCK_S):
+            w = tl.sum(tl.where(offs_s == s, weights, 0.0), axis=0)  # element s, exactly
+            ok = (offs_d * 0 + s) < NUM_SPLITS
+            acc += w * tl.load(opart_ptr + (row * NUM_SPLITS + s) * D + offs_d, mask=ok, other=0.0)
         o = acc / tl.where(denom == 0.0, 1.0, denom)
         tl.store(out_ptr + row * D + offs_d, o.to(out_ptr.dtype.element_ty))
 
@@ -218,9 +230,12 @@ def _num_splits(S: int, programs: int, block_n: int, sms: int) -> int:
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             slot_pos: torch.Tensor, q_pos: torch.Tensor, window: int, scale: float,
                             softcap: float | None = None, num_splits: int | None = None,
-                            block_n: int | None = None, block_m: int | None = None) -> torch.Tensor:
+                            block_n: int | None = None, block_m: int | None = None,
+                            finite_cache: bool = False) -> torch.Tensor:
     """Triton path. `num_splits` / `block_n` / `block_m` override the heuristics (tests use them
-    to force the split-KV reduction and several row blocks on tiny shapes)."""
+    to force the split-KV reduction and several row blocks on tiny shapes). `finite_cache`: the caller
+    promises finite values in every slot (written or zero-initialised); the kernel then loads K/V with the
+    slot positions instead of after them (one memory round trip fewer per tile)."""
     B, T, Hq, D = q.shape
     Bk, Hkv, S, Dk = k_cache.shape
     if (Bk, Dk) != (B, D) or v_cache.shape != k_cache.shape:
@@ -254,7 +269,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         *out.stride(),
         S, T, Hq, Hkv, int(window), split_len, float(qk_scale), float(softcap or 1.0),
         G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        HAS_SOFTCAP=softcap is not None, DOT_FP32=dot_fp32_operands(q.dtype),
+        HAS_SOFTCAP=softcap is not None, DOT_FP32=dot_fp32_operands(q.dtype), EAGER_KV=bool(finite_cache),
         num_warps=num_warps, num_stages=2, **pdl_flags(q),
     )
     if num_splits > 1:
@@ -266,11 +281,13 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      slot_pos: torch.Tensor, q_pos: torch.Tensor, window: int, scale: float,
-                     softcap: float | None = None) -> torch.Tensor:
+                     softcap: float | None = None, finite_cache: bool = False) -> torch.Tensor:
     """Attention of T queries per stream over a slot-addressed cache; see the module docstring.
-    Triton on CUDA, the fp32 PyTorch reference elsewhere. Output has q's dtype."""
+    Triton on CUDA, the fp32 PyTorch reference elsewhere. Output has q's dtype. `finite_cache`: see
+    `decode_attention_triton` (the reference zeroes empty slots either way)."""
     if use_triton(q):
-        return decode_attention_triton(q, k_cache, v_cache, slot_pos, q_pos, window, scale, softcap)
+        return decode_attention_triton(q, k_cache, v_cache, slot_pos, q_pos, window, scale, softcap,
+                                       finite_cache=finite_cache)
     return decode_attention_ref(q, k_cache, v_cache, slot_pos, q_pos, window, scale, softcap)
 
 

@@ -141,6 +141,8 @@ if HAS_TRITON:
         m = offs // NY
         n = offs % NY
         NP = 2 * NY if GEGLU else NY
+        if not GEGLU:  # the per-layer input, requested with the partials (one round of loads, not two)
+            other = tl.load(o_ptr + m * som + n * son, mask=ok, other=0.0).to(tl.float32)
         g = tl.zeros([BLOCK], tl.float32)
         for s in tl.static_range(SPLIT_K):
             g += tl.load(part_ptr + (s * M + m).to(tl.int64) * NP + n, mask=ok, other=0.0)
@@ -151,7 +153,7 @@ if HAS_TRITON:
                 up += tl.load(part_ptr + (s * M + m).to(tl.int64) * NP + NY + n, mask=ok, other=0.0)
             out = _gelu_tanh(g) * up.to(X_DTYPE).to(tl.float32)
         else:
-            out = _gelu_tanh(g) * tl.load(o_ptr + m * som + n * son, mask=ok, other=0.0).to(tl.float32)
+            out = _gelu_tanh(g) * other
         tl.store(y_ptr + m * sym + n * syn, out.to(y_ptr.dtype.element_ty), mask=ok)
 
 

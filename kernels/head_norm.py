@@ -66,74 +66,90 @@ if HAS_TRITON:
             return acc.to(X_DTYPE).to(tl.float32)
 
     @triton.jit
-    def _weighted(xv, w_ptr, idx, ok, inv, HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr, X_DTYPE: tl.constexpr):
-        """Loaded fp32 values `xv` (at columns `idx`) times the row's `inv`, weighted, and rounded
-        through x's dtype as the reference casts the norm's output back. Returns fp32."""
-        n = xv * inv
+    def _weight_factor(w_ptr, idx, ok, HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr):
+        """The norm's fp32 weight factor at columns `idx` (w, or 1 + w; 1 without a weight). A weight: the
+        kernels load it before their PDL wait."""
         if HAS_W:
             w = tl.load(w_ptr + idx, mask=ok, other=0.0).to(tl.float32)
             if PLUS_ONE:
                 w = 1.0 + w
-            n = n * w
-        return n.to(X_DTYPE).to(tl.float32)
+        else:
+            w = tl.full(idx.shape, 1.0, tl.float32)
+        return w
 
     @triton.jit
-    def _normed_head(x_row, w_ptr, cs_row, sn_row, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr, ROPE: tl.constexpr,
-                     split_stride, SPLIT: tl.constexpr, XD: tl.constexpr):
-        """One head: norm (fp32, cast to x's dtype XD), then optionally RoPE in fp32. Returns fp32.
-        The row is read through `_load_head` (split_stride, SPLIT: see there)."""
-        cols = tl.arange(0, BLOCK_D)
-        c_ok = cols < D
+    def _head_loads(x_row, cs_row, sn_row, cols, rcols, c_ok, split_stride, BLOCK_D: tl.constexpr,
+                    SPLIT: tl.constexpr, XD: tl.constexpr, ROPE: tl.constexpr):
+        """Every activation one head needs, issued together (one memory round trip after the PDL wait): the
+        row, the RoPE partner columns (re-read, not shuffled across threads: the row is already in L1), and
+        the position's cos/sin. Rows read through `_load_head` (split_stride, SPLIT: see there)."""
         x = _load_head(x_row, cols, c_ok, split_stride, BLOCK_D, SPLIT, XD)
-        inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        n = _weighted(x, w_ptr, cols, c_ok, inv, HAS_W, PLUS_ONE, XD)
         if ROPE:
-            # rotate_half: out[i] = n[i]*cos[i] - n[i+D/2]*sin[i] (i < D/2), n[i]*cos[i] + n[i-D/2]*sin[i].
-            # The partner element is re-read and re-normed (same inv, same weight) rather than
-            # shuffled across threads: D is small and the row is already in L1.
-            rcols = tl.where(cols < D // 2, cols + D // 2, cols - D // 2)
             xr = _load_head(x_row, rcols, c_ok, split_stride, BLOCK_D, SPLIT, XD)
-            nr = _weighted(xr, w_ptr, rcols, c_ok, inv, HAS_W, PLUS_ONE, XD)
-            rot = tl.where(cols < D // 2, -nr, nr)
             c = tl.load(cs_row + cols, mask=c_ok, other=0.0).to(tl.float32)
             s = tl.load(sn_row + cols, mask=c_ok, other=0.0).to(tl.float32)
+        else:
+            xr = x
+            c = x
+            s = x
+        return x, xr, c, s
+
+    @triton.jit
+    def _normed_head(x, xr, wf, wfr, c, s, cols, eps, D: tl.constexpr, ROPE: tl.constexpr, XD: tl.constexpr):
+        """One head from its loaded values: norm (fp32, x times its inverse rms times the weight factor, cast
+        to x's dtype XD, as the reference casts the norm's output back), then optionally rotate-half RoPE in
+        fp32: out[i] = n[i]*cos[i] - n[i+D/2]*sin[i] (i < D/2), n[i]*cos[i] + n[i-D/2]*sin[i]. Returns fp32."""
+        inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        n = (x * inv * wf).to(XD).to(tl.float32)
+        if ROPE:
+            nr = (xr * inv * wfr).to(XD).to(tl.float32)
+            rot = tl.where(cols < D // 2, -nr, nr)
             n = n * c + rot * s
         return n
+
+    @triton.jit
+    def _head_cols(D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """(cols, their RoPE partners, in-range mask) of one head row."""
+        cols = tl.arange(0, BLOCK_D)
+        return cols, tl.where(cols < D // 2, cols + D // 2, cols - D // 2), cols < D
 
     @triton.jit
     def _head_norm_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, sxr, sxh, scr, ssr, syr, syh, eps,
                           D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_W: tl.constexpr,
                           PLUS_ONE: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
-        pdl_wait(PDL)
         r = tl.program_id(0).to(tl.int64)  # position (merged leading dims)
         h = tl.program_id(1)
-        y = _normed_head(x_ptr + r * sxr + h * sxh, w_ptr, cos_ptr + r * scr, sin_ptr + r * ssr, eps,
-                         D, BLOCK_D, HAS_W, PLUS_ONE, ROPE, 0, 0, x_ptr.dtype.element_ty)
-        cols = tl.arange(0, BLOCK_D)
-        tl.store(y_ptr + r * syr + h * syh + cols, y.to(y_ptr.dtype.element_ty), mask=cols < D)
+        cols, rcols, c_ok = _head_cols(D, BLOCK_D)
+        wf = _weight_factor(w_ptr, cols, c_ok, HAS_W, PLUS_ONE)
+        wfr = _weight_factor(w_ptr, rcols, c_ok, HAS_W, PLUS_ONE)
+        pdl_wait(PDL)
+        x, xr, c, s = _head_loads(x_ptr + r * sxr + h * sxh, cos_ptr + r * scr, sin_ptr + r * ssr, cols, rcols,
+                                  c_ok, 0, BLOCK_D, 0, x_ptr.dtype.element_ty, ROPE)
+        y = _normed_head(x, xr, wf, wfr, c, s, cols, eps, D, ROPE, x_ptr.dtype.element_ty)
+        tl.store(y_ptr + r * syr + h * syh + cols, y.to(y_ptr.dtype.element_ty), mask=c_ok)
 
     @triton.jit
-    def _write_kv_head(k_row, v_row, w_ptr, cs_row, sn_row, kc_ptr, vc_ptr, sp_ptr, rows_ptr, slots_ptr, pos_ptr,
+    def _write_kv_head(k_row, v_row, wf, wfr, cs_row, sn_row, kc_ptr, vc_ptr, sp_ptr, rows_ptr, slots_ptr, pos_ptr,
                        b, t, h, skcb, skch, skcs, svcb, svch, svcs, sspb, ssps, srb, srt, slb, slt, spb, spt, eps,
-                       split_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, PLUS_ONE: tl.constexpr,
+                       split_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
                        V_NORM: tl.constexpr, SPLIT: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr):
-        """kv head h of position (b, t): k norm + RoPE, v norm (V_NORM) or copy, both into the cache slot of
-        that position's row, and the slot's position (head 0 only). Rows read through `_load_head`."""
+        """kv head h of position (b, t), after the PDL wait: k norm (weight factors wf / wfr, loaded before the
+        wait) + RoPE, v norm (V_NORM) or copy, both into the cache slot of that position's row, and the slot's
+        position (head 0 only). Every load is issued first, together."""
         row = tl.load(rows_ptr + b * srb + t * srt).to(tl.int64)
         slot = tl.load(slots_ptr + b * slb + t * slt).to(tl.int64)
-        cols = tl.arange(0, BLOCK_D)
-        c_ok = cols < D
-        k = _normed_head(k_row, w_ptr, cs_row, sn_row, eps, D, BLOCK_D, True, PLUS_ONE, True, split_stride, SPLIT, XK)
+        pos = tl.load(pos_ptr + b * spb + t * spt)
+        cols, rcols, c_ok = _head_cols(D, BLOCK_D)
+        xk, xkr, c, s = _head_loads(k_row, cs_row, sn_row, cols, rcols, c_ok, split_stride, BLOCK_D, SPLIT, XK, True)
+        xv = _load_head(v_row, cols, c_ok, split_stride, BLOCK_D, SPLIT, XV)
+        k = _normed_head(xk, xkr, wf, wfr, c, s, cols, eps, D, True, XK)
         tl.store(kc_ptr + row * skcb + h * skch + slot * skcs + cols, k.to(kc_ptr.dtype.element_ty), mask=c_ok)
-        if V_NORM:
-            v = _normed_head(v_row, w_ptr, cs_row, sn_row, eps, D, BLOCK_D, False, False, False, split_stride,
-                             SPLIT, XV)
+        if V_NORM:  # scale-free: the weight factor is 1
+            v = _normed_head(xv, xv, 1.0, 1.0, xv, xv, cols, eps, D, False, XV)
         else:
-            v = _load_head(v_row, cols, c_ok, split_stride, BLOCK_D, SPLIT, XV)
+            v = xv
         tl.store(vc_ptr + row * svcb + h * svch + slot * svcs + cols, v.to(vc_ptr.dtype.element_ty), mask=c_ok)
         if h == 0:  # one writer per position; padding positions all hit the trash slot with -1
-            pos = tl.load(pos_ptr + b * spb + t * spt)
             tl.store(sp_ptr + row * sspb + slot * ssps, pos.to(sp_ptr.dtype.element_ty))
 
     @triton.jit
@@ -143,14 +159,17 @@ if HAS_TRITON:
                          srb, srt, slb, slt, spb, spt, eps,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, PLUS_ONE: tl.constexpr,
                          V_NORM: tl.constexpr, PDL: tl.constexpr):
-        pdl_wait(PDL)
         r = tl.program_id(0)  # position b * T + t
         h = tl.program_id(1)  # kv head
         r64 = r.to(tl.int64)
-        _write_kv_head(k_ptr + r64 * skr + h * skh, v_ptr + r64 * svr + h * svh, w_ptr, cos_ptr + r64 * scr,
+        cols, rcols, c_ok = _head_cols(D, BLOCK_D)
+        wf = _weight_factor(w_ptr, cols, c_ok, True, PLUS_ONE)
+        wfr = _weight_factor(w_ptr, rcols, c_ok, True, PLUS_ONE)
+        pdl_wait(PDL)
+        _write_kv_head(k_ptr + r64 * skr + h * skh, v_ptr + r64 * svr + h * svh, wf, wfr, cos_ptr + r64 * scr,
                        sin_ptr + r64 * ssr, kc_ptr, vc_ptr, sp_ptr, rows_ptr, slots_ptr, pos_ptr, r // T, r % T, h,
                        skcb, skch, skcs, svcb, svch, svcs, sspb, ssps, srb, srt, slb, slt, spb, spt, eps,
-                       0, D, BLOCK_D, PLUS_ONE, V_NORM, 0, k_ptr.dtype.element_ty, v_ptr.dtype.element_ty)
+                       0, D, BLOCK_D, V_NORM, 0, k_ptr.dtype.element_ty, v_ptr.dtype.element_ty)
 
     @triton.jit
     def _qkv_heads_kernel(src_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, sp_ptr,
@@ -161,25 +180,32 @@ if HAS_TRITON:
                           PLUS_ONE: tl.constexpr, V_NORM: tl.constexpr, PDL: tl.constexpr):
         """The fused QKV projection's epilogue in one launch: program (position, h) takes q head h (h < HQ:
         norm + RoPE into q) or kv head h - HQ (`_write_kv_head`, as `_write_kv_kernel` does),
-        reading the projection's split-K partials directly (`_load_head`) instead of a reduced copy."""
-        pdl_wait(PDL)
+        reading the projection's split-K partials directly (`_load_head`) instead of a reduced copy.
+        The head's norm weights before the PDL wait; after it, one round of loads."""
         r = tl.program_id(0)  # position b * T + t
         h = tl.program_id(1)
         r64 = r.to(tl.int64)
         src_row = src_ptr + r64 * s_row
         cs_row = cos_ptr + r64 * scr
         sn_row = sin_ptr + r64 * ssr
-        cols = tl.arange(0, BLOCK_D)
-        c_ok = cols < D
+        cols, rcols, c_ok = _head_cols(D, BLOCK_D)
         if h < HQ:
-            q = _normed_head(src_row + h * D, qw_ptr, cs_row, sn_row, eps, D, BLOCK_D, True, PLUS_ONE, True,
-                             s_split, SPLIT, XD)
+            wf = _weight_factor(qw_ptr, cols, c_ok, True, PLUS_ONE)
+            wfr = _weight_factor(qw_ptr, rcols, c_ok, True, PLUS_ONE)
+        else:
+            wf = _weight_factor(kw_ptr, cols, c_ok, True, PLUS_ONE)
+            wfr = _weight_factor(kw_ptr, rcols, c_ok, True, PLUS_ONE)
+        pdl_wait(PDL)
+        if h < HQ:
+            x, xr, c, s = _head_loads(src_row + h * D, cs_row, sn_row, cols, rcols, c_ok, s_split, BLOCK_D, SPLIT,
+                                      XD, True)
+            q = _normed_head(x, xr, wf, wfr, c, s, cols, eps, D, True, XD)
             tl.store(q_ptr + r64 * sqr + h * sqh + cols, q.to(q_ptr.dtype.element_ty), mask=c_ok)
         else:
-            _write_kv_head(src_row + k_col + (h - HQ) * D, src_row + v_col + (h - HQ) * D, kw_ptr, cs_row, sn_row,
+            _write_kv_head(src_row + k_col + (h - HQ) * D, src_row + v_col + (h - HQ) * D, wf, wfr, cs_row, sn_row,
                            kc_ptr, vc_ptr, sp_ptr, rows_ptr, slots_ptr, pos_ptr, r // T, r % T, h - HQ,
                            skcb, skch, skcs, svcb, svch, svcs, sspb, ssps, srb, srt, slb, slt, spb, spt, eps,
-                           s_split, D, BLOCK_D, PLUS_ONE, V_NORM, SPLIT, XD, XD)
+                           s_split, D, BLOCK_D, V_NORM, SPLIT, XD, XD)
 
 
 def _warps(D: int) -> int:

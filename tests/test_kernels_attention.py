@@ -195,3 +195,20 @@ def test_dispatch_uses_reference_on_cpu():
     if not common.FORCE_TRITON_ON_CPU:
         out = da.decode_attention(q, k, v, slot_pos, q_pos, 0, 0.5)
         assert torch.equal(out, da.decode_attention_ref(q, k, v, slot_pos, q_pos, 0, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_finite_cache_loads_match_masked_loads(dtype, num_splits, row_mode):
+    """finite_cache=True (K/V loaded with the slot positions, not after them: the engine's sliding layers)
+    gives the masked-load results bit for bit, with stale keys, empty slots holding finite garbage, a
+    partly filled ring, a window, padding queries and a verify width."""
+    B, T, Hq, Hkv, D, S = 2, 3, 4, 2, 32, 48
+    q, k, v = make(B, T, Hq, Hkv, D, S, dtype, seed=21)
+    slot_pos = ring_slots(B, S, newest=60)
+    slot_pos[1] = ring_slots(1, S, newest=20, fill=21)[0]  # stream 1 has not filled its ring: empty slots
+    q_pos = torch.tensor([[58, 59, 60], [19, 20, -1]], dtype=torch.int32)
+    for window in (0, 24):
+        masked, _ = check(q, k, v, slot_pos, q_pos, window, 0.3, num_splits=num_splits)
+        eager, _ = check(q, k, v, slot_pos, q_pos, window, 0.3, num_splits=num_splits, finite_cache=True)
+        assert torch.equal(eager, masked)
