@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from . import gemv_ticket
 from ._common import HAS_TRITON, pdl_flags, tl, tl_dtype, triton
 from .gemv import launch_gemv, linear_small_m_ref, linear_small_m_triton, resolve_config
 from .rmsnorm import (_config, _rows, post_norm_residual_pre_norm_ref, post_norm_residual_pre_norm_triton,
@@ -96,9 +95,6 @@ def _launch(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, w_post: to
         raise ValueError(f"residual {tuple(residual.shape)} does not hold {x.shape[0]} rows of {N}")
     if scalar is not None and scalar.numel() != 1:
         raise ValueError(f"the layer scalar must have one element, got shape {tuple(scalar.shape)}")
-    if gemv_ticket.TICKETED and gemv_ticket.fits(x, w):  # one launch: the last GEMV program does the norms
-        return gemv_ticket.linear_sandwich_ticketed(x, w, residual, w_post, w_next, scalar, eps, plus_one, write_y,
-                                                    split_k, block_k)
     cfg = resolve_config(x, w, split_k, block_k)
     single = _config(N, 1)[0]  # one row per program: config from N alone
     M, K = x.shape

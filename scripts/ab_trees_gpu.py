@@ -8,7 +8,7 @@ per variant (order rotating round by round), each child times `--iters` replays 
 change shows equal checksums. The first variant is the reference of the ratios. Prints a table (medians
 over rounds) and ends with one JSON line.
 Usage: python scripts/ab_trees_gpu.py --variant base=.stage/base --variant head=. \
-           --variant ticket=.:VKAE_TICKET_EPILOGUE=1 [--rounds 3] [--iters 100]
+           --variant pf3=.:VKAE_GEMV_PREFETCH_TILES=3 [--rounds 3] [--iters 100]
        (--base DIR is short for --variant base=DIR --variant head=.)
 """
 from __future__ import annotations

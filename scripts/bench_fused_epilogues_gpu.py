@@ -9,10 +9,7 @@ weights, batch 1, in one process:
 Each mode has its own Generator (graphs are captured with the switch as it was at capture time).
 `--switch qkv` runs the same A/B for the fused q/k/v epilogue alone (VKAE_FUSED_QKV: q/k/v GEMV, then one
 launch for the split-K reduction, q norm + RoPE and the K/V norms + RoPE + cache write), the other fusions on;
-its arithmetic is the unfused path's, so fused vs unfused must be bitwise equal. `--switch ticket`: o_proj /
-down / PLE projection with their residual add + norms run by the GEMV's last program (`kernels.gemv_ticket`,
-VKAE_TICKET_EPILOGUE) vs the split-K sandwich kernel after the GEMV (its norm reductions run on 4 warps, not 8:
-bf16 noise, not bitwise). `--switch mlp`: the MLP as
+its arithmetic is the unfused path's, so fused vs unfused must be bitwise equal. `--switch mlp`: the MLP as
 one weight stream (VKAE_FUSED_MLP, `kernels.fused_mlp`) vs the two GEMVs (its down sums run in another order:
 bf16 noise, not bitwise).
 Prints a table and ends with one JSON line.
@@ -32,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import engine.fused_tail as fused_tail  # noqa: E402
 import engine.linear as linear_mod  # noqa: E402
-import kernels.gemv_ticket as gemv_ticket  # noqa: E402
 import kernels.invariance as invariance  # noqa: E402
 from engine.generate import Generator  # noqa: E402
 from engine.knobs import Knobs  # noqa: E402
@@ -45,7 +41,7 @@ MODES = {"fused": True, "unfused": False}
 TOKEN_HI = 1000  # random token ids below this
 # --switch name -> (module, attribute) this run flips
 SWITCHES = {"epilogues": (fused_tail, "FUSED_EPILOGUES"), "qkv": (fused_tail, "FUSED_QKV"),
-            "mlp": (fused_tail, "FUSED_MLP"), "ticket": (gemv_ticket, "TICKETED")}
+            "mlp": (fused_tail, "FUSED_MLP")}
 SWITCH = SWITCHES["epilogues"]
 
 

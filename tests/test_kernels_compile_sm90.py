@@ -33,7 +33,6 @@ def _compile_all() -> int:
     import kernels.gemv as gv
     import kernels.head_norm as hn
     import kernels.gemv_epilogue as ge
-    import kernels.gemv_ticket as gt
     import kernels.splitk_norm as sn
 
     target = GPUTarget("cuda", 90, 32)
@@ -78,16 +77,6 @@ def _compile_all() -> int:
                "eps": "fp32"},
               dict(X_DTYPE=tl.bfloat16, SPLIT_K=4, HAS_WPOST=True, HAS_WPRE=write_y, PLUS_ONE=not scalar,
                    HAS_SCALAR=scalar, WRITE_Y=write_y, BLOCK_N=4096, PDL=write_y), warps=8)
-    # the GEMV whose last program runs the sandwich: split and unsplit, with and without the next norm
-    for split, write_y in ((4, True), (1, False)):
-        names = ("M", "N", "K", "sxm", "sxk", "swn", "swk", "srr", "shr", "syr", "k_per_split", "n_programs")
-        build(gt._gemv_sandwich_kernel,
-              {"x_ptr": "*bf16", "w_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "r_ptr": "*bf16",
-               "wpost_ptr": "*bf16", "wpre_ptr": "*bf16", "s_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16",
-               **{k: i32 for k in names}, "eps": "fp32"},
-              dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split, USE_DOT=True, DOT_FP32=False, EVEN_K=True,
-                   PDL=True, PREFETCH=2, W_EVICT="", X_DTYPE=tl.bfloat16, HAS_WPOST=True, HAS_WPRE=write_y,
-                   PLUS_ONE=False, HAS_SCALAR=write_y, WRITE_Y=write_y, NORM_BLOCK=4096))
     # the fused q/k/v epilogue: from split-K partials (fp32) and from the GEMV's own output (bf16)
     ints = ("T", "HQ", "k_col", "v_col", "s_split", "s_row", "scr", "ssr", "sqr", "sqh", "skcb", "skch", "skcs",
             "svcb", "svch", "svcs", "sspb", "ssps", "srb", "srt", "slb", "slt", "spb", "spt")
