@@ -22,13 +22,21 @@ Launches depend only on shapes (no host sync), so they can be captured in CUDA g
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import invariance
 from ._common import HAS_TRITON, cdiv, dot_fp32_operands, next_pow2, num_sms, pdl_flags, tl, triton, use_triton
 
 LOG2E = 1.4426950408889634
-MIN_SPLIT_SLOTS = 128  # below this a split's fixed cost (stage-2 traffic, launch) outweighs the gain
+# Below this a split's fixed cost (stage-2 traffic, launch) outweighed the gain (stop 11, before PDL). Env
+# VKAE_ATTN_MIN_SPLIT_SLOTS; read at launch, so `scripts/ab_trees_gpu.py` can A/B it inside the step.
+MIN_SPLIT_SLOTS = int(os.environ.get("VKAE_ATTN_MIN_SPLIT_SLOTS", "128"))
+# cp.async pipeline depth of stage 1 (env VKAE_ATTN_STAGES). At E4B a decode split is one K/V tile, so the
+# second stage has nothing to overlap, yet it doubles the shared memory (141 KB at D = 256: one program per
+# SM; `scripts/kernel_resources.py`). Read at launch.
+ATTN_STAGES = int(os.environ.get("VKAE_ATTN_STAGES", "2"))
 # Row block of the row-invariant mode: the block a 1-token decode step picks anyway when G <= 16
 # (Gemma: G = 2..8), so decode keeps its config and a verify step just runs more row blocks.
 INVARIANT_BLOCK_M = 16
@@ -231,11 +239,12 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             slot_pos: torch.Tensor, q_pos: torch.Tensor, window: int, scale: float,
                             softcap: float | None = None, num_splits: int | None = None,
                             block_n: int | None = None, block_m: int | None = None,
-                            finite_cache: bool = False) -> torch.Tensor:
+                            finite_cache: bool = False, num_stages: int | None = None) -> torch.Tensor:
     """Triton path. `num_splits` / `block_n` / `block_m` override the heuristics (tests use them
     to force the split-KV reduction and several row blocks on tiny shapes). `finite_cache`: the caller
     promises finite values in every slot (written or zero-initialised); the kernel then loads K/V with the
-    slot positions instead of after them (one memory round trip fewer per tile)."""
+    slot positions instead of after them (one memory round trip fewer per tile). `num_stages` overrides
+    ATTN_STAGES (sweeps)."""
     B, T, Hq, D = q.shape
     Bk, Hkv, S, Dk = k_cache.shape
     if (Bk, Dk) != (B, D) or v_cache.shape != k_cache.shape:
@@ -270,7 +279,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         S, T, Hq, Hkv, int(window), split_len, float(qk_scale), float(softcap or 1.0),
         G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_SOFTCAP=softcap is not None, DOT_FP32=dot_fp32_operands(q.dtype), EAGER_KV=bool(finite_cache),
-        num_warps=num_warps, num_stages=2, **pdl_flags(q),
+        num_warps=num_warps, num_stages=num_stages or ATTN_STAGES, **pdl_flags(q),
     )
     if num_splits > 1:
         _attn_stage2[(B * T * Hq,)](opart, lse, out, num_splits, D=D,

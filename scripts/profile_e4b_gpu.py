@@ -115,6 +115,8 @@ def sweep_attention() -> list[dict]:
             for b in (16, 32, 64, 128):
                 if b != bn and b * D <= 32768:
                     variants[f"block_n={b}"] = {"block_n": b}
+            variants["stages=1"] = {"num_stages": 1}
+            variants["block_n=64,stages=1"] = {"block_n": 64, "num_stages": 1}
             for label, kw in variants.items():
                 fn = lambda a, b_, c, kw=kw: da.decode_attention_triton(a, b_, c, slot_pos, q_pos, window, 1.0, None, **kw)
                 try:
