@@ -127,8 +127,8 @@ if HAS_TRITON:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             sp = tl.load(slot_ptr + b * ssb + offs_n * sss, mask=offs_n < end, other=-1)
             vis = (sp[None, :] > lo[:, None]) & (sp[None, :] <= qp[:, None])
-            # A key no row can see is never fetched (predicated off): empty/out-of-window tiles
-            # cost only their slot_pos bytes. This also keeps garbage in empty slots out.
+            # Without EAGER_KV a key no row can see is never fetched (predicated off): empty/out-of-window
+            # tiles cost only their slot_pos bytes, and garbage in empty slots stays out.
             if EAGER_KV:
                 # Every in-range slot, issued with the slot positions: no load waits for another (the ring
                 # of a sliding layer is full once the stream passes its window). The cache must hold
@@ -235,6 +235,17 @@ def _num_splits(S: int, programs: int, block_n: int, sms: int) -> int:
     return max(1, min(want, cdiv(S, max(MIN_SPLIT_SLOTS, block_n)), 256))
 
 
+def split_layout(S: int, num_splits: int, block_n: int) -> tuple[int, int]:
+    """(split_len, num_splits): whole BLOCK_N tiles per split, and no split starting past the end."""
+    split_len = cdiv(cdiv(S, num_splits), block_n) * block_n
+    return split_len, cdiv(S, split_len)
+
+
+def stage2_block(num_splits: int) -> int:
+    """BLOCK_S of the merge kernel: the splits rounded up to a power of two (at least 2)."""
+    return max(2, next_pow2(num_splits))
+
+
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             slot_pos: torch.Tensor, q_pos: torch.Tensor, window: int, scale: float,
                             softcap: float | None = None, num_splits: int | None = None,
@@ -262,8 +273,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     m_blocks = cdiv(T * G, block_m)
     if num_splits is None:
         num_splits = splits
-    split_len = cdiv(cdiv(S, num_splits), block_n) * block_n
-    num_splits = cdiv(S, split_len)  # drop splits that would start past the end
+    split_len, num_splits = split_layout(S, num_splits, block_n)
 
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
     if num_splits > 1:
@@ -283,7 +293,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     )
     if num_splits > 1:
         _attn_stage2[(B * T * Hq,)](opart, lse, out, num_splits, D=D,
-                                    BLOCK_S=max(2, next_pow2(num_splits)),
+                                    BLOCK_S=stage2_block(num_splits),
                                     num_warps=4 if D >= 256 else 2, **pdl_flags(q))
     return out
 

@@ -25,6 +25,8 @@ WIDTH = 9  # K + 1 with K = 8 draft tokens
 
 
 def child(root: str, iters: int) -> dict:
+    """Step times and checksum of the engine under `root`. The timing loop is check_verify_invariance_gpu's
+    graphed_step_ms written out again: importing that script would put this tree's engine on sys.path first."""
     sys.path.insert(0, root)
     import torch
 

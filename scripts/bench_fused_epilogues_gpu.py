@@ -39,14 +39,12 @@ WIDTH = 9  # K + 1 with K = 8 draft tokens
 PROMPT = list(range(3, 259))
 MODES = {"fused": True, "unfused": False}
 TOKEN_HI = 1000  # random token ids below this
-# --switch name -> (module, attribute) this run flips
-SWITCHES = {"epilogues": (fused_tail, "FUSED_EPILOGUES"), "qkv": (fused_tail, "FUSED_QKV"),
-            "mlp": (fused_tail, "FUSED_MLP")}
-SWITCH = SWITCHES["epilogues"]
+SWITCHES = {"epilogues": "FUSED_EPILOGUES", "qkv": "FUSED_QKV", "mlp": "FUSED_MLP"}
+SWITCH = SWITCHES["epilogues"]  # the fused_tail attribute this run flips (--switch)
 
 
 def set_mode(fused: bool) -> None:
-    setattr(*SWITCH, fused)
+    setattr(fused_tail, SWITCH, fused)
 
 
 def make_generator(lm, fused: bool, positions: torch.Tensor) -> Generator:
@@ -133,13 +131,13 @@ def main() -> int:
     p = len(PROMPT)
     positions = (torch.arange(WIDTH, device=dev) + p)[None]
     tokens = torch.randint(3, TOKEN_HI, (1, WIDTH), device=dev, generator=torch.Generator(dev).manual_seed(0))
-    env_default = getattr(*SWITCH)
+    env_default = getattr(fused_tail, SWITCH)
     gens = {m: make_generator(lm, fused, positions) for m, fused in MODES.items()}
     set_mode(env_default)  # graphs already captured keep their mode
 
     res: dict = {"device": torch.cuda.get_device_name(), "geometry": "gemma-4-e4b", "weights": "random",
                  "dtype": "bfloat16", "row_invariant": invariance.ROW_INVARIANT, "width": WIDTH,
-                 "gemv_policy": linear_mod.GEMV_POLICY, "switch": SWITCH[1]}
+                 "gemv_policy": linear_mod.GEMV_POLICY, "switch": SWITCH}
     res["kernels_per_step"] = {m: {"decode": kernels_per_step(gens[m], f, tokens[:, :1], positions[:, :1]),
                                    "verify": kernels_per_step(gens[m], f, tokens, positions)}
                                for m, f in MODES.items()}

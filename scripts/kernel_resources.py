@@ -85,8 +85,6 @@ def resources(kernel, warps: int) -> dict:
 
 
 def _gemv_cases() -> list[tuple]:
-    import triton.language as tl  # noqa: F401
-
     import kernels.gemv as gv
     import kernels.gemv_epilogue as ge
 
@@ -158,8 +156,7 @@ def _small_cases() -> list[tuple]:
                       hn._warps(D), 3))
         G = 4
         block_m, block_n_a, warps_a, splits = da.launch_config(D, G, 1, hkv, S, 132)
-        split_len = -(-(-(-S // splits)) // block_n_a) * block_n_a
-        splits = -(-S // split_len)
+        split_len, splits = da.split_layout(S, splits, block_n_a)
         ints = dict(sqb=8 * D, sqt=8 * D, sqh=D, sqd=1, skb=hkv * S * D, skh=S * D, sks=D, skd=1,
                     svb=hkv * S * D, svh=S * D, svs=D, svd=1, ssb=S, sss=1, spb=1, spt=1,
                     sob=8 * D, sot=8 * D, soh=D, sod=1, S=S, T=1, HQ=8, HKV=hkv, window=512 if D == 256 else 0,
@@ -169,10 +166,10 @@ def _small_cases() -> list[tuple]:
         cases.append((f"_attn_stage1 D {D} S {S} splits {splits}", da._attn_stage1, ints, ptrs,
                       ("qk_scale", "softcap"),
                       dict(G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n_a, NUM_SPLITS=splits, HAS_SOFTCAP=False,
-                           DOT_FP32=False, EAGER_KV=D == 256, PDL=True), warps_a, 2))
+                           DOT_FP32=False, EAGER_KV=D == 256, PDL=True), warps_a, da.ATTN_STAGES))
         cases.append((f"_attn_stage2 D {D} splits {splits}", da._attn_stage2, dict(NUM_SPLITS=splits),
                       {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": bf}, (),
-                      dict(D=D, BLOCK_S=max(2, 1 << (splits - 1).bit_length()), PDL=True), 4 if D >= 256 else 2, 3))
+                      dict(D=D, BLOCK_S=da.stage2_block(splits), PDL=True), 4 if D >= 256 else 2, 3))
     return cases
 
 
