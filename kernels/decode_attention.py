@@ -37,6 +37,9 @@ MIN_SPLIT_SLOTS = int(os.environ.get("VKAE_ATTN_MIN_SPLIT_SLOTS", "128"))
 # second stage has nothing to overlap, yet it doubles the shared memory (141 KB at D = 256: one program per
 # SM; `scripts/kernel_resources.py`). Read at launch.
 ATTN_STAGES = int(os.environ.get("VKAE_ATTN_STAGES", "2"))
+# KV slots per tile (env VKAE_ATTN_BLOCK_N, 0 = the `_blocks` heuristic). A split is whole tiles, so
+# MIN_SPLIT_SLOTS below one tile has no effect without a smaller tile. Read at launch.
+ATTN_BLOCK_N = int(os.environ.get("VKAE_ATTN_BLOCK_N", "0"))
 # Row block of the row-invariant mode: the block a 1-token decode step picks anyway when G <= 16
 # (Gemma: G = 2..8), so decode keeps its config and a verify step just runs more row blocks.
 INVARIANT_BLOCK_M = 16
@@ -168,8 +171,10 @@ if HAS_TRITON:
             tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         else:
             grow = ((b * T + t) * HQ + h).to(tl.int64)  # row of the [B*T*Hq, NUM_SPLITS, D] scratch
+            # A row that saw no key in this split stores only its lse (-inf): stage 2 gives it weight 0 and
+            # never loads its partial, so an empty split (most of a long linear cache) costs no partial traffic.
             tl.store(opart_ptr + (grow[:, None] * NUM_SPLITS + pid_s) * D + offs_d[None, :], o,
-                     mask=row_ok[:, None])
+                     mask=row_ok[:, None] & (l_i > 0.0)[:, None])
             lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
             tl.store(lse_ptr + grow * NUM_SPLITS + pid_s, lse, mask=row_ok)
 
@@ -189,10 +194,11 @@ if HAS_TRITON:
         acc = tl.zeros([D], tl.float32)
         weights = tl.exp2(lse - m)  # empty split (or past NUM_SPLITS): exp2(-inf) = 0
         # Unrolled over BLOCK_S (>= NUM_SPLITS) so every split's loads are issued at once; the sum still runs
-        # in split order, and a split past NUM_SPLITS adds 0 * 0 = 0 (acc unchanged, bit for bit).
+        # in split order. A split past NUM_SPLITS, or one with weight 0 (no visible key: stage 1 did not store
+        # its partial), is not loaded and adds 0 * 0 = 0: acc unchanged, bit for bit, as if it were loaded.
         for s in tl.static_range(BLOCK_S):
             w = tl.sum(tl.where(offs_s == s, weights, 0.0), axis=0)  # element s, exactly
-            ok = (offs_d * 0 + s) < NUM_SPLITS
+            ok = ((offs_d * 0 + s) < NUM_SPLITS) & ((offs_d * 0.0 + w) > 0.0)
             acc += w * tl.load(opart_ptr + (row * NUM_SPLITS + s) * D + offs_d, mask=ok, other=0.0)
         o = acc / tl.where(denom == 0.0, 1.0, denom)
         tl.store(out_ptr + row * D + offs_d, o.to(out_ptr.dtype.element_ty))
@@ -206,7 +212,7 @@ def _blocks(D: int, rows: int) -> tuple[int, int, int]:
     batch 1) 9.8 -> 7.9 us and its full layer (4,096 slots) 17.0 -> 16.3 us per call on an H100
     (`scripts/profile_e4b_gpu.py --attn`)."""
     block_m = min(max(16, next_pow2(rows)), max(16, 16384 // D))
-    block_n = max(16, min(128, 32768 // D))
+    block_n = ATTN_BLOCK_N or max(16, min(128, 32768 // D))
     num_warps = 4 if block_m * D <= 8192 else 8
     return block_m, block_n, num_warps
 

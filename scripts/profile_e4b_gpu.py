@@ -1,6 +1,6 @@
 """Where the batch-1 time goes at E4B geometry (RANDOM bf16 weights) on one CUDA GPU.
 
-    python scripts/profile_e4b_gpu.py [--prompt 256] [--attn]
+    python scripts/profile_e4b_gpu.py [--prompt 256] [--attn | --attn-only]
 
 0. A/B: PDL on vs off (graphed decode step, bitwise check, end-to-end TPS) and graph vs eager prefill;
 1. prefill of a `--prompt`-token prompt: wall time (median of 5) next to the GPU time of its kernels
@@ -8,7 +8,8 @@
 2. the decode step: CUDA-graph step time and every kernel of one eager step grouped by name
    (share, microseconds per step, calls per step), plus the kernel sequence of one layer;
 3. with `--attn`: the decode attention kernel at E4B's two cache geometries over split counts and
-   tiles, CUDA-graphed over enough cache copies to stream from HBM (as a decode step sees it).
+   tiles (and one-tile splits), CUDA-graphed over enough cache copies to stream from HBM (as a decode
+   step sees it); `--attn-only` runs just this sweep, without a model.
 GEMV tiles: `scripts/bench_kernels.py --sweep [--stages 3,4,6]`.
 Prints tables and ends with one JSON line.
 """
@@ -117,6 +118,11 @@ def sweep_attention() -> list[dict]:
                     variants[f"block_n={b}"] = {"block_n": b}
             variants["stages=1"] = {"num_stages": 1}
             variants["block_n=64,stages=1"] = {"block_n": 64, "num_stages": 1}
+            # one tile per split: more, smaller programs (the split count follows the tile)
+            for b in (16, 32, 64):
+                if b * D <= 32768:
+                    for st in (1, 2):
+                        variants[f"1tile bn={b},st={st}"] = {"block_n": b, "num_splits": -(-S // b), "num_stages": st}
             for label, kw in variants.items():
                 fn = lambda a, b_, c, kw=kw: da.decode_attention_triton(a, b_, c, slot_pos, q_pos, window, 1.0, None, **kw)
                 try:
@@ -126,7 +132,7 @@ def sweep_attention() -> list[dict]:
                     print(f"  {name} ctx {ctx} {label}: {type(e).__name__}", file=sys.stderr)
                 rows.append({"case": name, "ctx": ctx, "variant": label, "us": t,
                              "default_splits": splits, "default_block_n": bn})
-                print(f"attn {name:<26} ctx {ctx:5d} {label:<12} {t:7.2f} us", flush=True)
+                print(f"attn {name:<26} ctx {ctx:5d} {label:<20} {t:7.2f} us", flush=True)
             del sets
     return rows
 
@@ -204,9 +210,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--attn", action="store_true")
+    ap.add_argument("--attn-only", action="store_true", help="only the attention sweep (no model)")
     ap.add_argument("--ab-only", action="store_true", help="only the PDL / prefill-graph A/B")
     args = ap.parse_args()
     res: dict = {"weights": "random", "geometry": "gemma-4-e4b", "gpu": torch.cuda.get_device_name(0)}
+    if args.attn_only:
+        res["attention"] = sweep_attention()
+        print(json.dumps(res))
+        return 0
     lm = load_model("gemma-4-e4b", device="cuda", dtype=torch.bfloat16, random_weights=True)
     prompt = list(range(3, 3 + args.prompt))
     res["ab"] = ab_pdl_and_prefill(lm, prompt)
