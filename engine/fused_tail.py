@@ -38,6 +38,12 @@ FUSED_QKV: bool = os.environ.get("VKAE_FUSED_QKV", "1") != "0"
 FUSED_MLP: bool = os.environ.get("VKAE_FUSED_MLP", "0") != "0"
 
 
+# The PLE gate's split-K reduce + GELU x input computed inside the PLE projection's GEMV programs
+# (`kernels.gemv_gated_input`): 4 launches -> 3 per layer, bitwise the same results. Needs FUSED_EPILOGUES too;
+# env VKAE_FUSED_PLE. Read at call time.
+FUSED_PLE: bool = os.environ.get("VKAE_FUSED_PLE", "1") != "0"
+
+
 def fusable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Fuse only where the unfused projection would run the Triton GEMV (tests patch this to force
     the fused kernels onto CPU tensors under the interpreter)."""
@@ -158,3 +164,21 @@ def mlp_add_norm(gate_up: Linear, down: Linear, x: torch.Tensor, residual: torch
     if _mlp_fusable(gate_up, down, x):
         return _mlp_tail(gate_up, down, x, residual, w_post, None, None, eps, plus_one)[0]
     return proj_add_norm(down, proj_geglu(gate_up, x), residual, w_post, eps, plus_one)
+
+
+def ple_sandwich(gate: Linear, proj: Linear, h: torch.Tensor, per_layer_input: torch.Tensor, w_post: torch.Tensor,
+                 w_next: torch.Tensor, scalar: torch.Tensor | None, eps: float, plus_one: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`proj_sandwich(proj, proj_gelu_gate(gate, h, per_layer_input), h, ...)`: the per-layer input's gate and
+    projection, then (new residual h, next layer's normed input)."""
+    if FUSED_PLE and fusable(h, gate.weight) and fusable(h, proj.weight):
+        from kernels.gemv_gated_input import fusable_shapes, gelu_gate_linear_triton
+        from kernels.rmsnorm import post_norm_residual_pre_norm_triton
+
+        x, other = _rows(h), _rows(per_layer_input)
+        if fusable_shapes(x, gate.weight, proj.weight):
+            y = gelu_gate_linear_triton(x, gate.weight, other, proj.weight).view(*h.shape[:-1], -1)
+            res = h.to(torch.promote_types(y.dtype, h.dtype))  # a no-op in the engine
+            return post_norm_residual_pre_norm_triton(y, res, w_post, w_next, eps, plus_one, scalar=scalar)
+    g = proj_gelu_gate(gate, h, per_layer_input)
+    return proj_sandwich(proj, g, h, w_post, w_next, scalar, eps, plus_one)

@@ -12,6 +12,7 @@ norms and query_pre_attn_scalar. Two forward modes share every layer:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,26 @@ from .rope import RopeTable
 
 def _param(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
+
+
+# Measurement switch (env VKAE_STAGE_REPEAT, e.g. "attn+ple"; default none): each named stage of a decode step
+# runs twice, the second run's result kept. Every stage is a pure function of its inputs (the q/k/v stage writes
+# the same K/V again), so results do not change, and a graphed step's extra time is that stage's cost on the
+# step's critical path, with PDL overlap included (`scripts/stage_costs_gpu.py`). Read at call time (graphs keep
+# what they were captured with). Stages: qkv (projection + norms/RoPE/cache write), attn, o (o_proj + norms),
+# mlp (gate_up + down + norms), ple (PLE gate + projection + norms).
+STAGES = ("qkv", "attn", "o", "mlp", "ple")
+STAGE_REPEAT: frozenset[str] = frozenset(s for s in os.environ.get("VKAE_STAGE_REPEAT", "").split("+") if s)
+if STAGE_REPEAT - set(STAGES):
+    raise ValueError(f"VKAE_STAGE_REPEAT names unknown stages {sorted(STAGE_REPEAT - set(STAGES))}; "
+                     f"known: {'+'.join(STAGES)}")
+
+
+def _stage(name: str, fn, *args):
+    """fn(*args), run twice when `name` is in STAGE_REPEAT (the second result is returned)."""
+    if name in STAGE_REPEAT:
+        fn(*args)
+    return fn(*args)
 
 
 class DecoderLayer(nn.Module):
@@ -123,16 +144,21 @@ class GemmaDecoder(nn.Module):
         n, (eps, plus_one) = layer.norms, self._eps()
         # each call is a projection and its epilogue: one fused kernel path at decode widths on CUDA,
         # the unfused ops (the reference) elsewhere (engine/fused_tail.py)
-        h, x = fused_tail.proj_sandwich(layer.o_proj, attn, h, n["post_attention_layernorm"],
-                                        n["pre_feedforward_layernorm"], None, eps, plus_one)
+        h, x = _stage("o", fused_tail.proj_sandwich, layer.o_proj, attn, h, n["post_attention_layernorm"],
+                      n["pre_feedforward_layernorm"], None, eps, plus_one)
         if layer.has_ple:
-            h = fused_tail.mlp_add_norm(layer.gate_up, layer.down, x, h, n["post_feedforward_layernorm"], eps,
-                                        plus_one)
-            g = fused_tail.proj_gelu_gate(layer.ple_gate, h, per_layer[:, :, layer.index])
-            return fused_tail.proj_sandwich(layer.ple_proj, g, h, layer.ple_norm, w_next, layer.layer_scalar, eps,
-                                            plus_one)
-        return fused_tail.mlp_sandwich(layer.gate_up, layer.down, x, h, n["post_feedforward_layernorm"], w_next,
-                                       layer.layer_scalar, eps, plus_one)
+            h = _stage("mlp", fused_tail.mlp_add_norm, layer.gate_up, layer.down, x, h,
+                       n["post_feedforward_layernorm"], eps, plus_one)
+            return _stage("ple", self._ple_tail, layer, h, per_layer, w_next)
+        return _stage("mlp", fused_tail.mlp_sandwich, layer.gate_up, layer.down, x, h,
+                      n["post_feedforward_layernorm"], w_next, layer.layer_scalar, eps, plus_one)
+
+    def _ple_tail(self, layer: DecoderLayer, h: torch.Tensor, per_layer: torch.Tensor, w_next: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-layer input's gate and projection: (new residual h, next layer's normed input)."""
+        eps, plus_one = self._eps()
+        return fused_tail.ple_sandwich(layer.ple_gate, layer.ple_proj, h, per_layer[:, :, layer.index],
+                                       layer.ple_norm, w_next, layer.layer_scalar, eps, plus_one)
 
     def decode_weight_order(self) -> list[torch.Tensor]:
         """The projection weights in the order a decode step reads them (one GEMV each): the PLE model
@@ -233,11 +259,11 @@ class GemmaDecoder(nn.Module):
             cos, sin = rope[layer.layer_type]
             lc = cache.layers[layer.source]
             kv = (lc.k, lc.v, lc.slot_pos, rows, slots[(lc.ring, lc.slots)], pos32) if layer.owns_kv else None
-            q = fused_tail.proj_qkv_heads(layer.qkv, x, layer.num_heads, layer.kv_heads, layer.head_dim, layer.q_norm,
-                                          layer.k_norm, cos, sin, kv, eps, plus_one, self.arch.has_v_norm,
-                                          layer.k_eq_v)
-            o = attend_cache(q, lc, pos32, self._window(layer, window), self.arch.attn_scale,
-                             self.arch.attn_softcap)
+            q = _stage("qkv", fused_tail.proj_qkv_heads, layer.qkv, x, layer.num_heads, layer.kv_heads,
+                       layer.head_dim, layer.q_norm, layer.k_norm, cos, sin, kv, eps, plus_one, self.arch.has_v_norm,
+                       layer.k_eq_v)
+            o = _stage("attn", attend_cache, q, lc, pos32, self._window(layer, window), self.arch.attn_scale,
+                       self.arch.attn_softcap)
             h, x = self._layer_tail(layer, h, o.reshape(B, T, -1), per_layer, self._next_norm(layer.index))
         return x
 

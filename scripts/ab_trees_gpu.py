@@ -37,12 +37,35 @@ def child(root: str, iters: int) -> dict:
     lm = load_model("gemma-4-e4b", device="cuda", dtype=torch.bfloat16, random_weights=True, seed=0)
     gen = Generator(lm, Knobs(batch_size=1), max_context=1024, use_cuda_graphs=True)
     gen.prefill(list(range(3, 259)), 0)
+    return time_steps(gen, iters)
+
+
+def step_inputs(gen) -> tuple:
+    """(tokens [1, WIDTH], positions [1, WIDTH]): fixed draft tokens at positions 256.. (after a 256-token prefill)."""
+    import torch
+
     dev = gen.device
     tokens = torch.randint(3, 1000, (1, WIDTH), device=dev, generator=torch.Generator(dev).manual_seed(0))
-    positions = (torch.arange(WIDTH, device=dev) + 256)[None]
+    return tokens, (torch.arange(WIDTH, device=dev) + 256)[None]
+
+
+def warm_steps(gen) -> None:
+    """A few decode (T = 1) and verify (T = WIDTH) steps: captures both graphs with the switches set now."""
+    tokens, positions = step_inputs(gen)
+    for t in (1, WIDTH):
+        for _ in range(5):
+            gen.step(tokens[:, :t], positions[:, :t])
+
+
+def time_steps(gen, iters: int, warm: bool = True) -> dict:
+    """Mean ms of `iters` graphed decode and verify steps, and the checksum of a decode step's final hidden state
+    (bitwise-neutral changes keep it)."""
+    import torch
+
+    tokens, positions = step_inputs(gen)
     out = {}
     for name, t in (("decode", 1), ("verify", WIDTH)):
-        for _ in range(5):
+        for _ in range(5 if warm else 1):
             gen.step(tokens[:, :t], positions[:, :t])
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()

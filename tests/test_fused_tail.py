@@ -23,6 +23,7 @@ import engine.ops as ops  # noqa: E402
 import kernels.fused_mlp as fm  # noqa: E402
 import kernels.gemv as gv  # noqa: E402
 import kernels.gemv_epilogue as ge  # noqa: E402
+import kernels.gemv_gated_input as gi  # noqa: E402
 import kernels.head_norm as hn  # noqa: E402
 import kernels.invariance as invariance  # noqa: E402
 import kernels.splitk_norm as sn  # noqa: E402
@@ -32,7 +33,7 @@ _needs_interpreter, test_interpreter_in_fresh_process = _testutil.interpreter_gu
 
 EPS = 1e-6
 FUSED_KERNELS = ((sn, "linear_sandwich_triton"), (sn, "linear_add_norm_triton"), (ge, "linear_geglu_triton"),
-                 (ge, "linear_gelu_gate_triton"), (hn, "linear_qkv_heads_triton"))
+                 (ge, "linear_gelu_gate_triton"), (hn, "linear_qkv_heads_triton"), (gi, "gelu_gate_linear_triton"))
 
 
 @pytest.fixture(autouse=True)
@@ -161,7 +162,12 @@ def test_fused_decode_step_matches_unfused_and_reference(alias, split_everywhere
     # per layer: o_proj, gate_up, then down (+ PLE gate and PLE projection); decode and verify steps
     expected = {"linear_sandwich_triton": 4 * L, "linear_geglu_triton": 2 * L,  # o_proj + (down or PLE proj)
                 "linear_qkv_heads_triton": 2 * L}
-    if ple:
+    if ple and split_everywhere:
+        # the gate splits K and the projection (K = ple_dim < 64) does not: the two-launch PLE path, whose
+        # projection computes the gated input itself; its norms are the plain sandwich kernel
+        assert arch.ple_dim < 64
+        expected.update(linear_add_norm_triton=2 * L, gelu_gate_linear_triton=2 * L, linear_sandwich_triton=2 * L)
+    elif ple:  # nothing splits: the gate's reduce is in its GEMV already, the three-launch path
         expected.update(linear_add_norm_triton=2 * L, linear_gelu_gate_triton=2 * L)
     assert calls == expected
     _assert_fused_step(model, want, unfused, one, wide)

@@ -258,3 +258,29 @@ def test_tiny_gemma4_decode_step_first_position_bitwise(monkeypatch):
     assert torch.equal(one, wide)
     assert (one - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
     assert torch.equal(model.greedy(one), model.greedy(wide))
+
+
+def test_stage_repeat_changes_nothing_but_runs_twice(monkeypatch):
+    """`VKAE_STAGE_REPEAT` (scripts/stage_costs_gpu.py) must leave results bit for bit unchanged, the K/V
+    cache included, while really running each named stage twice."""
+    import engine.model as model_mod
+
+    model, arch, step, fresh_cache = _testutil.tiny_decode_setup("tiny-gemma4", (19, 20))
+    with torch.no_grad():
+        want_cache = fresh_cache()
+        want = step(2, want_cache)
+    calls = []
+    real_stage = model_mod._stage
+    monkeypatch.setattr(model_mod, "_stage", lambda name, fn, *a: (calls.append(name), real_stage(name, fn, *a))[1])
+    monkeypatch.setattr(model_mod, "STAGE_REPEAT", frozenset(model_mod.STAGES))
+    counted = []
+    real_attend = model_mod.attend_cache
+    monkeypatch.setattr(model_mod, "attend_cache", lambda *a, **k: (counted.append(1), real_attend(*a, **k))[1])
+    with torch.no_grad():
+        cache = fresh_cache()
+        got = step(2, cache)
+    assert torch.equal(got, want)
+    for lw, lg in zip(want_cache.layers.values(), cache.layers.values()):
+        assert torch.equal(lw.k, lg.k) and torch.equal(lw.v, lg.v) and torch.equal(lw.slot_pos, lg.slot_pos)
+    assert set(calls) == set(model_mod.STAGES) - ({"ple"} if not arch.ple_dim else set())
+    assert len(counted) == 2 * arch.num_layers  # attention ran twice per layer

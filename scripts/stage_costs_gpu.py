@@ -1,0 +1,119 @@
+"""What each stage of a decode step costs on the step's critical path, and switch A/Bs, in one process.
+
+E4B geometry, RANDOM bf16 weights, batch 1, context 256, graphed decode (T = 1) and verify (T = 9) steps.
+A kernel profile sums kernel durations, but with PDL the graphed step overlaps neighbouring kernels, so a
+kernel's duration is not what it adds to the step. Here each stage (`engine.model.STAGES`) is run twice
+inside the captured step (`engine.model.STAGE_REPEAT`): the extra time over the default step is what one
+run of that stage costs the step, overlap included. Results are unchanged by a repeat (checksums show it).
+
+The same loop A/Bs module switches that are read at launch (decode attention tiles, GEMV prefetch): each
+variant sets its switches, builds its own Generator and captures its graphs, then the switches go back
+to their defaults; the graphs keep what they were captured with. Rounds rotate the variant order; medians.
+
+Usage: python scripts/stage_costs_gpu.py [--rounds 3] [--iters 100] [--only default,rep_attn,...]
+Prints a table and ends with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+
+def variants() -> dict[str, dict[tuple[str, str], object]]:
+    """name -> {(module, attribute): value}."""
+    from engine.model import STAGES
+
+    out: dict[str, dict[tuple[str, str], object]] = {"default": {}}
+    for s in STAGES:
+        out[f"rep_{s}"] = {("engine.model", "STAGE_REPEAT"): frozenset({s})}
+    out["ple_3launch"] = {("engine.fused_tail", "FUSED_PLE"): False}  # the PLE gate's reduce as its own kernel
+    da = "kernels.decode_attention"
+    out["attn_bn32"] = {(da, "ATTN_BLOCK_N"): 32, (da, "MIN_SPLIT_SLOTS"): 32}
+    out["attn_bn64"] = {(da, "ATTN_BLOCK_N"): 64, (da, "MIN_SPLIT_SLOTS"): 64}
+    out["attn_bn32_st1"] = {(da, "ATTN_BLOCK_N"): 32, (da, "MIN_SPLIT_SLOTS"): 32, (da, "ATTN_STAGES"): 1}
+    out["attn_st1"] = {(da, "ATTN_STAGES"): 1}
+    return out
+
+
+def build(lm, switches: dict[tuple[str, str], object]):
+    """A Generator whose decode and verify graphs are captured with `switches` set; restores them after."""
+    from ab_trees_gpu import warm_steps
+    from engine.generate import Generator
+    from engine.knobs import Knobs
+
+    saved = {}
+    for (mod, attr), value in switches.items():
+        m = importlib.import_module(mod)
+        saved[(mod, attr)] = getattr(m, attr)
+        setattr(m, attr, value)
+    try:
+        gen = Generator(lm, Knobs(batch_size=1), max_context=1024, use_cuda_graphs=True)
+        gen.prefill(list(range(3, 259)), 0)
+        warm_steps(gen)
+    finally:
+        for (mod, attr), value in saved.items():
+            setattr(importlib.import_module(mod), attr, value)
+    return gen
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--only", default="", help="comma-separated variant names (default: all); 'default' is added")
+    args = ap.parse_args()
+    import torch
+
+    from ab_trees_gpu import time_steps
+    from engine.loader import load_model
+
+    table = variants()
+    if args.only:
+        wanted = ["default"] + [n for n in args.only.split(",") if n and n != "default"]
+        unknown = [n for n in wanted if n not in table]
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; known: {', '.join(table)}")
+        table = {n: table[n] for n in wanted}
+    lm = load_model("gemma-4-e4b", device="cuda", dtype=torch.bfloat16, random_weights=True, seed=0)
+    gens = {}
+    for name, sw in table.items():
+        gens[name] = build(lm, sw)
+        print(f"captured {name}", flush=True)
+    names = list(table)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runs[name].append(time_steps(gens[name], args.iters, warm=False))
+    res: dict = {"weights": "random", "geometry": "gemma-4-e4b", "gpu": torch.cuda.get_device_name(0),
+                 "rounds": args.rounds, "iters": args.iters, "context": 256, "verify_width": 9, "variants": {}}
+    base = {k: statistics.median(x[k] for x in runs["default"]) for k in ("decode_ms", "verify_ms")}
+    base_sum = sorted({x["checksum"] for x in runs["default"]})
+    print(f"GPU {res['gpu']}; E4B geometry, RANDOM bf16 weights; medians of {args.rounds} rounds of {args.iters} steps")
+    print(f"{'variant':<16} {'decode ms':>10} {'verify ms':>10} {'+decode us':>11} {'+verify us':>11} "
+          f"{'per layer us':>13} {'same bits':>10}")
+    layers = lm.model.arch.num_layers
+    for name in names:
+        med = {k: statistics.median(x[k] for x in runs[name]) for k in ("decode_ms", "verify_ms")}
+        sums = sorted({x["checksum"] for x in runs[name]})
+        row = {**med, "checksums": sums, "same_checksum": sums == base_sum,
+               "extra_decode_us": 1e3 * (med["decode_ms"] - base["decode_ms"]),
+               "extra_verify_us": 1e3 * (med["verify_ms"] - base["verify_ms"]),
+               "speedup_decode": base["decode_ms"] / med["decode_ms"],
+               "speedup_verify": base["verify_ms"] / med["verify_ms"]}
+        res["variants"][name] = row
+        per_layer = f"{row['extra_decode_us'] / layers:13.2f}" if name.startswith("rep_") else f"{'':>13}"
+        print(f"{name:<16} {med['decode_ms']:>10.3f} {med['verify_ms']:>10.3f} {row['extra_decode_us']:>11.1f} "
+              f"{row['extra_verify_us']:>11.1f} {per_layer} {str(row['same_checksum']):>10}")
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
