@@ -1,5 +1,5 @@
-"""Compile the GEMV family (`kernels.gemv`, `kernels.gemv_epilogue`, `kernels.splitk_norm`, `kernels.head_norm`,
-`kernels.fused_mlp`) for an H100
+"""Compile the GEMV family (`kernels.gemv`, `kernels.gemv_epilogue`, `kernels.gemv_gated_input`, `kernels.splitk_norm`,
+`kernels.head_norm`, `kernels.fused_mlp`) for an H100
 (sm_90) without a GPU: Triton's compiler and the ptxas shipped in its wheel need none.
 
 The interpreter tests run the kernels' arithmetic, but the interpreter accepts code the compiler
@@ -33,6 +33,7 @@ def _compile_all() -> int:
     import kernels.gemv as gv
     import kernels.head_norm as hn
     import kernels.gemv_epilogue as ge
+    import kernels.gemv_gated_input as gi
     import kernels.splitk_norm as sn
 
     target = GPUTarget("cuda", 90, 32)
@@ -66,6 +67,13 @@ def _compile_all() -> int:
                 build(ge._gemv_act_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "o_ptr": "*bf16", "y_ptr": "*bf16",
                                             "part_ptr": "*fp32", "NY": i32, "som": i32, "son": i32, **strides},
                       dict(GEGLU=geglu, **flags))
+    # the PLE projection computing its gated input from the gate's partials: tensor-core and M == 1 paths
+    for bm, bn, bk in tiles:
+        build(gi._gemv_gated_in_kernel,
+              {"part_ptr": "*fp32", "o_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16",
+               **{k: i32 for k in ("M", "N", "P", "som", "son", "swn", "swk", "sym", "syn")}},
+              dict(SPLIT=10, X_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                   USE_DOT=bm > 1, DOT_FP32=False, EVEN_K=True, PDL=bm > 1, PREFETCH=2, W_EVICT=""))
     for geglu in (True, False):
         build(ge._splitk_act_kernel, {"part_ptr": "*fp32", "o_ptr": "*bf16", "y_ptr": "*bf16", "M": i32, "NY": i32,
                                       "som": i32, "son": i32, "sym": i32, "syn": i32},
