@@ -135,5 +135,7 @@ def gelu_gate_linear_triton(x: torch.Tensor, wg: torch.Tensor, other: torch.Tens
         y.stride(0), y.stride(1),
         SPLIT=g_cfg["SPLIT_K"], X_DTYPE=tl_dtype(x.dtype), G_DTYPE=tl_dtype(g_dtype),
         BLOCK_M=p_cfg["BLOCK_M"], BLOCK_N=p_cfg["BLOCK_N"], BLOCK_K=p_cfg["BLOCK_K"], **flags, **pdl_flags(x),
-        num_warps=p_cfg["num_warps"], num_stages=p_cfg["num_stages"])
+        # one stage: the K walk is the PREFETCH tiles at E4B (K = 256), and a software pipeline would stage the
+        # SPLIT partial tiles of the gated input in shared memory (282 KB at split 10: it would not fit an SM)
+        num_warps=p_cfg["num_warps"], num_stages=1)
     return y
