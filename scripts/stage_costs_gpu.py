@@ -33,7 +33,7 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     out: dict[str, dict[tuple[str, str], object]] = {"default": {}}
     for s in STAGES:
         out[f"rep_{s}"] = {("engine.model", "STAGE_REPEAT"): frozenset({s})}
-    out["ple_3launch"] = {("engine.fused_tail", "FUSED_PLE"): False}  # the PLE gate's reduce as its own kernel
+    out["ple_2launch"] = {("engine.fused_tail", "FUSED_PLE"): True}  # the PLE gate's reduce inside the projection
     da = "kernels.decode_attention"
     out["attn_bn32"] = {(da, "ATTN_BLOCK_N"): 32, (da, "MIN_SPLIT_SLOTS"): 32}
     out["attn_bn64"] = {(da, "ATTN_BLOCK_N"): 64, (da, "MIN_SPLIT_SLOTS"): 64}

@@ -41,6 +41,7 @@ def _switches(monkeypatch):
     monkeypatch.setattr(invariance, "ROW_INVARIANT", True)
     monkeypatch.setattr(gv, "BATCH_INVARIANT", None)
     monkeypatch.setattr(fused_tail, "FUSED_EPILOGUES", True)
+    monkeypatch.setattr(fused_tail, "FUSED_PLE", True)
 
 
 # ---- dispatch -----------------------------------------------------------------------------------
@@ -153,16 +154,18 @@ def _assert_fused_step(model, want, unfused, one, wide) -> None:
     assert torch.equal(model.greedy(one), model.greedy(want))
 
 
-@pytest.mark.parametrize("alias,split_everywhere", [("tiny-gemma4", False), ("tiny-gemma4", True),
-                                                    ("tiny-gemma3", True)],
-                         ids=["gemma4-heuristic", "gemma4-split-everywhere", "gemma3-split-everywhere"])
-def test_fused_decode_step_matches_unfused_and_reference(alias, split_everywhere, monkeypatch):
+@pytest.mark.parametrize("alias,split_everywhere,fused_ple", [("tiny-gemma4", False, True), ("tiny-gemma4", True, True),
+                                                              ("tiny-gemma4", True, False), ("tiny-gemma3", True, True)],
+                         ids=["gemma4-heuristic", "gemma4-split-everywhere", "gemma4-split-everywhere-ple-3-launches",
+                              "gemma3-split-everywhere"])
+def test_fused_decode_step_matches_unfused_and_reference(alias, split_everywhere, fused_ple, monkeypatch):
+    monkeypatch.setattr(fused_tail, "FUSED_PLE", fused_ple)
     model, arch, want, unfused, one, wide, calls = _steps(alias, monkeypatch, split_everywhere)
     L, ple = arch.num_layers, arch.ple_dim > 0
     # per layer: o_proj, gate_up, then down (+ PLE gate and PLE projection); decode and verify steps
     expected = {"linear_sandwich_triton": 4 * L, "linear_geglu_triton": 2 * L,  # o_proj + (down or PLE proj)
                 "linear_qkv_heads_triton": 2 * L}
-    if ple and split_everywhere:
+    if ple and split_everywhere and fused_ple:
         # the gate splits K and the projection (K = ple_dim < 64) does not: the two-launch PLE path, whose
         # projection computes the gated input itself; its norms are the plain sandwich kernel
         assert arch.ple_dim < 64
