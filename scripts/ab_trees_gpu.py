@@ -58,8 +58,8 @@ def warm_steps(gen) -> None:
 
 
 def time_steps(gen, iters: int, warm: bool = True) -> dict:
-    """Mean ms of `iters` graphed decode and verify steps, and the checksum of a decode step's final hidden state
-    (bitwise-neutral changes keep it)."""
+    """Mean ms of `iters` graphed decode and verify steps, the checksum of a decode step's final hidden state
+    (bitwise-neutral changes keep it), and whether the verify step's first row equals that decode step bit for bit."""
     import torch
 
     tokens, positions = step_inputs(gen)
@@ -75,8 +75,12 @@ def time_steps(gen, iters: int, warm: bool = True) -> dict:
         end.record()
         torch.cuda.synchronize()
         out[f"{name}_ms"] = start.elapsed_time(end) / iters
+    wide, _ = gen.step(tokens, positions)
+    wide = wide[:, :1].clone()
     hidden, _ = gen.step(tokens[:, :1], positions[:, :1])
     out["checksum"] = hidden.double().abs().sum().item()
+    # row invariance: the verify step's first row is the decode step of the same token at the same position
+    out["verify_row0_equals_decode"] = bool(torch.equal(wide, hidden))
     return out
 
 

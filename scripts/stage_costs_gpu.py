@@ -97,12 +97,13 @@ def main() -> int:
     base_sum = sorted({x["checksum"] for x in runs["default"]})
     print(f"GPU {res['gpu']}; E4B geometry, RANDOM bf16 weights; medians of {args.rounds} rounds of {args.iters} steps")
     print(f"{'variant':<16} {'decode ms':>10} {'verify ms':>10} {'+decode us':>11} {'+verify us':>11} "
-          f"{'per layer us':>13} {'same bits':>10}")
+          f"{'per layer us':>13} {'same bits':>10} {'verify==decode':>15}")
     layers = lm.model.arch.num_layers
     for name in names:
         med = {k: statistics.median(x[k] for x in runs[name]) for k in ("decode_ms", "verify_ms")}
         sums = sorted({x["checksum"] for x in runs[name]})
         row = {**med, "checksums": sums, "same_checksum": sums == base_sum,
+               "verify_row0_equals_decode": all(x["verify_row0_equals_decode"] for x in runs[name]),
                "extra_decode_us": 1e3 * (med["decode_ms"] - base["decode_ms"]),
                "extra_verify_us": 1e3 * (med["verify_ms"] - base["verify_ms"]),
                "speedup_decode": base["decode_ms"] / med["decode_ms"],
@@ -110,7 +111,8 @@ def main() -> int:
         res["variants"][name] = row
         per_layer = f"{row['extra_decode_us'] / layers:13.2f}" if name.startswith("rep_") else f"{'':>13}"
         print(f"{name:<16} {med['decode_ms']:>10.3f} {med['verify_ms']:>10.3f} {row['extra_decode_us']:>11.1f} "
-              f"{row['extra_verify_us']:>11.1f} {per_layer} {str(row['same_checksum']):>10}")
+              f"{row['extra_verify_us']:>11.1f} {per_layer} {str(row['same_checksum']):>10} "
+              f"{str(row['verify_row0_equals_decode']):>15}")
     print(json.dumps(res))
     return 0
 
