@@ -75,8 +75,7 @@ if HAS_TRITON:
     @triton.jit
     def _dot_tile(acc, w, x, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
         """acc + x @ w.T for one K tile: x [BLOCK_M, BLOCK_K] (USE_DOT) or [BLOCK_K] (M == 1), w [BLOCK_N, BLOCK_K].
-        Shared by every kernel whose input tile is computed rather than loaded (`kernels.gemv_gated_input`), so a
-        computed tile accumulates bit for bit like a loaded one."""
+        Split from `_acc_tile`'s load so that a kernel can accumulate a tile it did not load from x_ptr."""
         if USE_DOT:
             if DOT_FP32:  # fp32 / mixed dtypes / bf16 under the interpreter: exact fp32 dot
                 acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")

@@ -3,14 +3,16 @@
 Each layer ends with  g = gelu_tanh(h @ Wg.T) * per_layer_input  (Wg [P, H], P = 256), then  y = g @ Wp.T
 (Wp [H, P]). At decode widths the gate GEMV splits K (P / BLOCK_N output tiles cannot fill the GPU), so the
 fused-epilogue path (`kernels.gemv_epilogue`) ran gate GEMV -> split-K reduce + GELU x input -> projection GEMV.
-Here the projection GEMV computes its own input tiles from the gate's fp32 partials: every program sums the
-partials of its K tile in split order, rounds, applies GELU x input and rounds again, exactly as the reduce
-kernel did, then runs the projection's K walk on that tile. The partials are P x SPLIT floats per row (10 KB
-at E4B), read from L2 by each of the projection's programs, in place of one dependent launch.
+Here the projection GEMV computes its own input from the gate's fp32 partials: every program sums the
+whole row's partials in split order, rounds, applies GELU x input and rounds again, exactly as the reduce
+kernel did, and writes the result to one scratch (all programs write the same bytes; a CTA barrier orders a
+program's own writes before its reads), then runs the projection's K walk on that scratch. The partials are
+P x SPLIT floats per row (10 KB at E4B), read from L2 by each of the projection's programs, in place of one
+dependent launch.
 
 Rounding is that of the three-launch path, point for point (`linear_gelu_gate_ref`, then the projection), and
-the K walk accumulates through `kernels.gemv._dot_tile` with the projection's own `gemv_config`: the result is
-bitwise the three-launch path's. Row invariance follows (configs independent of M, elementwise prologue).
+the K walk is `kernels.gemv`'s (`_acc_tile`) with the projection's own `gemv_config`: the result is bitwise
+the three-launch path's. Row invariance follows (configs independent of M, elementwise prologue).
 Used only where the projection does not split K (its K = P is short: E4B's 256 is two tiles).
 """
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 from ._common import HAS_TRITON, cdiv, pdl_flags, tl, tl_dtype, triton
 from .gemv import launch_gemv, linear_small_m_ref, resolve_config, weight_stream_flags
 from .gemv_epilogue import linear_gelu_gate_ref
+
+GATED_BLOCK = 1024  # elements of the gated input per pass (E4B decode: 256, one pass)
 
 
 def gelu_gate_linear_ref(x: torch.Tensor, wg: torch.Tensor, other: torch.Tensor, wp: torch.Tensor) -> torch.Tensor:
@@ -39,38 +43,39 @@ def fusable_shapes(x: torch.Tensor, wg: torch.Tensor, wp: torch.Tensor) -> bool:
 
 if HAS_TRITON:
     from ._common import pdl_wait
-    from .gemv import _dot_tile, _w_tile
+    from .gemv import _acc_tile, _w_tile
     from .gemv_epilogue import _gelu_tanh
 
     @triton.jit
-    def _gated_x(part_ptr, o_ptr, offs_m, m_ok, offs_k, M, P, som, son,
-                 SPLIT: tl.constexpr, X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, USE_DOT: tl.constexpr):
-        """The input tile g[:, offs_k] from the gate's partials part [SPLIT, M, P]: summed in split order,
-        rounded to X_DTYPE (the gate GEMV's output), gelu(.) * other in fp32, rounded to G_DTYPE."""
-        if USE_DOT:
-            rows = offs_m[:, None].to(tl.int64)
-            ok = m_ok[:, None] & (offs_k[None, :] < P)
-            cols = offs_k[None, :]
-        else:  # M == 1 (BLOCK_M == 1): row 0
-            rows = tl.zeros([1], tl.int64)
-            ok = offs_k < P
-            cols = offs_k
-        # the per-layer input with the partials: one round of loads
-        other = tl.load(o_ptr + rows * som + cols * son, mask=ok, other=0.0).to(tl.float32)
-        g = tl.zeros(ok.shape, tl.float32)
-        for s in tl.static_range(SPLIT):  # the reduce kernel's order: s = 0, 1, ...
-            g += tl.load(part_ptr + (s * M + rows) * P + cols, mask=ok, other=0.0)
-        g = g.to(X_DTYPE).to(tl.float32)
-        return (_gelu_tanh(g) * other).to(G_DTYPE)
+    def _gated_rows(part_ptr, o_ptr, g_ptr, M, P, som, son,
+                    SPLIT: tl.constexpr, X_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+        """g[M, P] (contiguous scratch) = gelu(sum_s part[s]) * other, the reduce kernel's arithmetic: partials
+        summed in split order, rounded to X_DTYPE (the gate GEMV's output), gelu(.) * other in fp32, rounded to
+        g's dtype. A flat layout over M * P (BLOCK elements a pass) keeps it at a few registers per element; in
+        the dot's operand layout the same math took 255 registers a thread (`scripts/kernel_resources.py`)."""
+        for start in range(0, M * P, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < M * P
+            m = offs // P
+            k = offs % P
+            # the per-layer input with the partials: one round of loads
+            other = tl.load(o_ptr + m * som + k * son, mask=ok, other=0.0).to(tl.float32)
+            g = tl.zeros([BLOCK], tl.float32)
+            for s in tl.static_range(SPLIT):  # the reduce kernel's order: s = 0, 1, ...
+                g += tl.load(part_ptr + (s * M + m).to(tl.int64) * P + k, mask=ok, other=0.0)
+            g = g.to(X_DTYPE).to(tl.float32)
+            tl.store(g_ptr + offs, (_gelu_tanh(g) * other).to(g_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _gemv_gated_in_kernel(part_ptr, o_ptr, w_ptr, y_ptr, M, N, P, som, son, swn, swk, sym, syn,
-                              SPLIT: tl.constexpr, X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+    def _gemv_gated_in_kernel(part_ptr, o_ptr, g_ptr, w_ptr, y_ptr, M, N, P, som, son, swn, swk, sym, syn,
+                              SPLIT: tl.constexpr, X_DTYPE: tl.constexpr, G_BLOCK: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
                               PDL: tl.constexpr, PREFETCH: tl.constexpr, W_EVICT: tl.constexpr):
-        """y[:, BLOCK_N slice] = g @ w.T over the whole K = P (no split), g from `_gated_x`. The K walk is
-        `kernels.gemv._gemv_acc`'s (PREFETCH <= 2 tiles requested before the PDL wait, tiles summed in K order)."""
+        """y[:, BLOCK_N slice] = g @ w.T over the whole K = P (no split). Every program first writes the whole
+        gated input g (`_gated_rows`) to one scratch: the programs write identical bytes, and a CTA barrier makes
+        a program's own writes visible to its threads. Then the K walk of `kernels.gemv._gemv_acc` on g (weight
+        tiles 1..PREFETCH <= 2 requested before the PDL wait, tiles summed in K order, the same loads and dots)."""
         pid_n = tl.program_id(0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -86,16 +91,15 @@ if HAS_TRITON:
         if PREFETCH >= 2:
             w2 = _w_tile(w_rows, offs_k + BLOCK_K, P, swk, False, W_EVICT)
         pdl_wait(PDL)
-        acc = _dot_tile(acc, w, _gated_x(part_ptr, o_ptr, offs_m, m_ok, offs_k, M, P, som, son,
-                                         SPLIT, X_DTYPE, G_DTYPE, USE_DOT), USE_DOT, DOT_FP32)
+        _gated_rows(part_ptr, o_ptr, g_ptr, M, P, som, son, SPLIT, X_DTYPE, G_BLOCK)
+        tl.debug_barrier()
+        acc = _acc_tile(acc, w, g_ptr, offs_m, m_ok, offs_k, P, P, 1, USE_DOT, DOT_FP32)
         if PREFETCH >= 2:
-            acc = _dot_tile(acc, w2, _gated_x(part_ptr, o_ptr, offs_m, m_ok, offs_k + BLOCK_K, M, P, som, son,
-                                              SPLIT, X_DTYPE, G_DTYPE, USE_DOT), USE_DOT, DOT_FP32)
+            acc = _acc_tile(acc, w2, g_ptr, offs_m, m_ok, offs_k + BLOCK_K, P, P, 1, USE_DOT, DOT_FP32)
         for k0 in range(PREFETCH * BLOCK_K, P, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             w = _w_tile(w_rows, ks, P, swk, EVEN_K, W_EVICT)
-            acc = _dot_tile(acc, w, _gated_x(part_ptr, o_ptr, offs_m, m_ok, ks, M, P, som, son,
-                                             SPLIT, X_DTYPE, G_DTYPE, USE_DOT), USE_DOT, DOT_FP32)
+            acc = _acc_tile(acc, w, g_ptr, offs_m, m_ok, ks, P, P, 1, USE_DOT, DOT_FP32)
         if USE_DOT:
             out = acc
             rows = offs_m[:, None]
@@ -119,7 +123,7 @@ def gelu_gate_linear_triton(x: torch.Tensor, wg: torch.Tensor, other: torch.Tens
                          f"{tuple(wg.shape)}, {tuple(other.shape)}, {tuple(wp.shape)}")
     g_dtype = torch.promote_types(x.dtype, other.dtype)
     g_cfg = resolve_config(x, wg, split_k)
-    g_like = torch.empty(M, P, dtype=g_dtype, device=x.device)  # the gated input's shape and dtype, never written
+    g_like = torch.empty(M, P, dtype=g_dtype, device=x.device)  # the gated input (the kernel's scratch)
     p_cfg = resolve_config(g_like, wp)
     if g_cfg["SPLIT_K"] < 2 or p_cfg["SPLIT_K"] != 1:
         raise ValueError(f"the two-launch path needs a split gate and an unsplit projection; got splits "
@@ -127,15 +131,14 @@ def gelu_gate_linear_triton(x: torch.Tensor, wg: torch.Tensor, other: torch.Tens
     part = torch.empty(g_cfg["SPLIT_K"], M, P, dtype=torch.float32, device=x.device)
     launch_gemv(x, wg, part, part, g_cfg)  # fp32 partials (y_ptr unused when split)
     y = torch.empty(M, N, dtype=g_dtype, device=x.device)
+    g = g_like  # the scratch every projection program writes the gated input to
     flags = weight_stream_flags(g_like, wp)  # the L2 stream prefetch (`kernels.l2_prefetch`, off) is not wired in
     flags["PREFETCH"] = min(2, flags["PREFETCH"])
     flags.update(USE_DOT=p_cfg["BLOCK_M"] > 1, EVEN_K=P % p_cfg["BLOCK_K"] == 0)
     _gemv_gated_in_kernel[(cdiv(N, p_cfg["BLOCK_N"]),)](
-        part, other, wp, y, M, N, P, other.stride(0), other.stride(1), wp.stride(0), wp.stride(1),
+        part, other, g, wp, y, M, N, P, other.stride(0), other.stride(1), wp.stride(0), wp.stride(1),
         y.stride(0), y.stride(1),
-        SPLIT=g_cfg["SPLIT_K"], X_DTYPE=tl_dtype(x.dtype), G_DTYPE=tl_dtype(g_dtype),
+        SPLIT=g_cfg["SPLIT_K"], X_DTYPE=tl_dtype(x.dtype), G_BLOCK=GATED_BLOCK,
         BLOCK_M=p_cfg["BLOCK_M"], BLOCK_N=p_cfg["BLOCK_N"], BLOCK_K=p_cfg["BLOCK_K"], **flags, **pdl_flags(x),
-        # one stage: the K walk is the PREFETCH tiles at E4B (K = 256), and a software pipeline would stage the
-        # SPLIT partial tiles of the gated input in shared memory (282 KB at split 10: it would not fit an SM)
-        num_warps=p_cfg["num_warps"], num_stages=1)
+        num_warps=p_cfg["num_warps"], num_stages=p_cfg["num_stages"])
     return y

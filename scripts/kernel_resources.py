@@ -147,11 +147,11 @@ def _small_cases() -> list[tuple]:
     p_cfg = gv.gemv_config(1, H, 256, 2, 132)
     cases.append((f"_gemv_gated_in_kernel PLE projection, gate split {gate_split}", gi._gemv_gated_in_kernel,
                   dict(M=1, N=H, P=256, som=256, son=1, swn=256, swk=1, sym=H, syn=1),
-                  {"part_ptr": "*fp32", "o_ptr": bf, "w_ptr": bf, "y_ptr": bf}, (),
-                  dict(SPLIT=gate_split, X_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, BLOCK_M=p_cfg["BLOCK_M"],
+                  {"part_ptr": "*fp32", "o_ptr": bf, "g_ptr": bf, "w_ptr": bf, "y_ptr": bf}, (),
+                  dict(SPLIT=gate_split, X_DTYPE=tl.bfloat16, G_BLOCK=gi.GATED_BLOCK, BLOCK_M=p_cfg["BLOCK_M"],
                        BLOCK_N=p_cfg["BLOCK_N"], BLOCK_K=p_cfg["BLOCK_K"], USE_DOT=p_cfg["BLOCK_M"] > 1,
                        DOT_FP32=False, EVEN_K=True, PDL=True, PREFETCH=min(2, gv.PREFETCH_TILES), W_EVICT=""),
-                  p_cfg["num_warps"], 1))
+                  p_cfg["num_warps"], p_cfg["num_stages"]))
     for D, hkv, n in ((256, 2, 3072), (512, 2, 6144)):
         qkv_split = gv.gemv_config(1, n, H, 2, 132)["SPLIT_K"]
         S = 528 if D == 256 else 4096

@@ -70,9 +70,9 @@ def _compile_all() -> int:
     # the PLE projection computing its gated input from the gate's partials: tensor-core and M == 1 paths
     for bm, bn, bk in tiles:
         build(gi._gemv_gated_in_kernel,
-              {"part_ptr": "*fp32", "o_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16",
+              {"part_ptr": "*fp32", "o_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16",
                **{k: i32 for k in ("M", "N", "P", "som", "son", "swn", "swk", "sym", "syn")}},
-              dict(SPLIT=10, X_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+              dict(SPLIT=10, X_DTYPE=tl.bfloat16, G_BLOCK=gi.GATED_BLOCK, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                    USE_DOT=bm > 1, DOT_FP32=False, EVEN_K=True, PDL=bm > 1, PREFETCH=2, W_EVICT=""))
     for geglu in (True, False):
         build(ge._splitk_act_kernel, {"part_ptr": "*fp32", "o_ptr": "*bf16", "y_ptr": "*bf16", "M": i32, "NY": i32,
