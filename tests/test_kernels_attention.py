@@ -212,3 +212,16 @@ def test_finite_cache_loads_match_masked_loads(dtype, num_splits, row_mode):
         masked, _ = check(q, k, v, slot_pos, q_pos, window, 0.3, num_splits=num_splits)
         eager, _ = check(q, k, v, slot_pos, q_pos, window, 0.3, num_splits=num_splits, finite_cache=True)
         assert torch.equal(eager, masked)
+
+
+def test_block_n_switch_gives_smaller_splits(monkeypatch):
+    """VKAE_ATTN_BLOCK_N (module ATTN_BLOCK_N) sets the tile, and only with it can MIN_SPLIT_SLOTS go below one
+    tile: E4B's sliding ring (528 slots, D 256, batch 1) is 5 splits by default, 17 with 32-slot tiles."""
+    _, bn, _, splits = da.launch_config(256, 4, 1, 2, 528, 132)
+    assert (bn, da.split_layout(528, splits, bn)[1]) == (128, 5)
+    monkeypatch.setattr(da, "MIN_SPLIT_SLOTS", 32)
+    _, bn, _, splits = da.launch_config(256, 4, 1, 2, 528, 132)
+    assert (bn, da.split_layout(528, splits, bn)[1]) == (128, 5)  # still whole 128-slot tiles
+    monkeypatch.setattr(da, "ATTN_BLOCK_N", 32)
+    _, bn, _, splits = da.launch_config(256, 4, 1, 2, 528, 132)
+    assert (bn, da.split_layout(528, splits, bn)[1]) == (32, 17)
