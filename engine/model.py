@@ -33,8 +33,9 @@ def _param(t: torch.Tensor) -> nn.Parameter:
 # Measurement switch (env VKAE_STAGE_REPEAT, e.g. "attn+ple"; default none): each named stage of a decode step
 # runs twice, the second run's result kept. Every stage is a pure function of its inputs (the q/k/v stage writes
 # the same K/V again), so results do not change, and a graphed step's extra time is that stage's cost on the
-# step's critical path, with PDL overlap included (`scripts/stage_costs_gpu.py`). Read at call time (graphs keep
-# what they were captured with). Stages: qkv (projection + norms/RoPE/cache write), attn, o (o_proj + norms),
+# step's critical path, with PDL overlap included (`scripts/stage_costs_gpu.py`). o, mlp and ple sit in the layer
+# tail that prefill shares, so they repeat there too (unmeasured). Read at call time (graphs keep what they were
+# captured with). Stages: qkv (projection + norms/RoPE/cache write), attn, o (o_proj + norms),
 # mlp (gate_up + down + norms), ple (PLE gate + projection + norms).
 STAGES = ("qkv", "attn", "o", "mlp", "ple")
 STAGE_REPEAT: frozenset[str] = frozenset(s for s in os.environ.get("VKAE_STAGE_REPEAT", "").split("+") if s)
