@@ -73,27 +73,19 @@ if HAS_TRITON:
         return w
 
     @triton.jit
-    def _dot_tile(acc, w, x, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
-        """acc + x @ w.T for one K tile: x [BLOCK_M, BLOCK_K] (USE_DOT) or [BLOCK_K] (M == 1), w [BLOCK_N, BLOCK_K].
-        Split from `_acc_tile`'s load so that a kernel can accumulate a tile it did not load from x_ptr."""
-        if USE_DOT:
-            if DOT_FP32:  # fp32 / mixed dtypes / bf16 under the interpreter: exact fp32 dot
-                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
-        else:
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-        return acc
-
-    @triton.jit
     def _acc_tile(acc, w, x_ptr, offs_m, m_ok, offs_k, k_end, sxm, sxk,
                   USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
         if USE_DOT:
             x = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :] * sxk,
                         mask=m_ok[:, None] & (offs_k[None, :] < k_end), other=0.0)
+            if DOT_FP32:  # fp32 / mixed dtypes / bf16 under the interpreter: exact fp32 dot
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
         else:
-            x = tl.load(x_ptr + offs_k * sxk, mask=offs_k < k_end, other=0.0)
-        return _dot_tile(acc, w, x, USE_DOT, DOT_FP32)
+            x = tl.load(x_ptr + offs_k * sxk, mask=offs_k < k_end, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        return acc
 
     @triton.jit
     def _gemv_acc(x_ptr, w_rows, M, k_start, k_end, sxm, sxk, swk,

@@ -31,14 +31,20 @@ def gelu_gate_linear_ref(x: torch.Tensor, wg: torch.Tensor, other: torch.Tensor,
     return linear_small_m_ref(linear_gelu_gate_ref(x, wg, other), wp)
 
 
+def _configs(x: torch.Tensor, wg: torch.Tensor, g: torch.Tensor, wp: torch.Tensor, split_k: int | None = None
+             ) -> tuple[dict[str, int], dict[str, int]] | None:
+    """(gate config, projection config) for x [M, H] and the gated input g [M, P], or None where the two-launch
+    path does not apply: the gate must split K (else there is no reduce to fold) and the projection must not
+    (its programs would each need the whole gated row)."""
+    g_cfg, p_cfg = resolve_config(x, wg, split_k), resolve_config(g, wp)
+    return (g_cfg, p_cfg) if g_cfg["SPLIT_K"] > 1 and p_cfg["SPLIT_K"] == 1 else None
+
+
 def fusable_shapes(x: torch.Tensor, wg: torch.Tensor, wp: torch.Tensor) -> bool:
-    """Whether the two-launch path applies: the gate splits K (else there is no reduce to fold) and the
-    projection does not (its programs would each need the whole gated row)."""
+    """Whether the two-launch path applies to x [M, H], wg [P, H], wp [N, P] (see `_configs`)."""
     if wp.shape[1] != wg.shape[0] or x.shape[1] != wg.shape[1] or x.shape[0] == 0:
         return False
-    g_cfg = resolve_config(x, wg)
-    p_cfg = resolve_config(x.new_empty(x.shape[0], wg.shape[0]), wp)
-    return g_cfg["SPLIT_K"] > 1 and p_cfg["SPLIT_K"] == 1
+    return _configs(x, wg, x.new_empty(x.shape[0], wg.shape[0]), wp) is not None
 
 
 if HAS_TRITON:
@@ -122,17 +128,16 @@ def gelu_gate_linear_triton(x: torch.Tensor, wg: torch.Tensor, other: torch.Tens
         raise ValueError(f"need x [M, H], wg [P, H], other [M, P], wp [N, P]; got {tuple(x.shape)}, "
                          f"{tuple(wg.shape)}, {tuple(other.shape)}, {tuple(wp.shape)}")
     g_dtype = torch.promote_types(x.dtype, other.dtype)
-    g_cfg = resolve_config(x, wg, split_k)
-    g_like = torch.empty(M, P, dtype=g_dtype, device=x.device)  # the gated input (the kernel's scratch)
-    p_cfg = resolve_config(g_like, wp)
-    if g_cfg["SPLIT_K"] < 2 or p_cfg["SPLIT_K"] != 1:
+    g = torch.empty(M, P, dtype=g_dtype, device=x.device)  # the scratch every projection program writes g to
+    cfgs = _configs(x, wg, g, wp, split_k)
+    if cfgs is None:
         raise ValueError(f"the two-launch path needs a split gate and an unsplit projection; got splits "
-                         f"{g_cfg['SPLIT_K']} / {p_cfg['SPLIT_K']}")
+                         f"{resolve_config(x, wg, split_k)['SPLIT_K']} / {resolve_config(g, wp)['SPLIT_K']}")
+    g_cfg, p_cfg = cfgs
     part = torch.empty(g_cfg["SPLIT_K"], M, P, dtype=torch.float32, device=x.device)
     launch_gemv(x, wg, part, part, g_cfg)  # fp32 partials (y_ptr unused when split)
     y = torch.empty(M, N, dtype=g_dtype, device=x.device)
-    g = g_like  # the scratch every projection program writes the gated input to
-    flags = weight_stream_flags(g_like, wp)  # the L2 stream prefetch (`kernels.l2_prefetch`, off) is not wired in
+    flags = weight_stream_flags(g, wp)  # the L2 stream prefetch (`kernels.l2_prefetch`, off) is not wired in
     flags["PREFETCH"] = min(2, flags["PREFETCH"])
     flags.update(USE_DOT=p_cfg["BLOCK_M"] > 1, EVEN_K=P % p_cfg["BLOCK_K"] == 0)
     _gemv_gated_in_kernel[(cdiv(N, p_cfg["BLOCK_N"]),)](
