@@ -39,7 +39,10 @@ MIN_SPLIT_SLOTS = int(os.environ.get("VKAE_ATTN_MIN_SPLIT_SLOTS", "128"))
 ATTN_STAGES = int(os.environ.get("VKAE_ATTN_STAGES", "2"))
 # KV slots per tile (env VKAE_ATTN_BLOCK_N, 0 = the `_blocks` heuristic). A split is whole tiles, so
 # MIN_SPLIT_SLOTS below one tile has no effect without a smaller tile. Read at launch.
-ATTN_BLOCK_N = int(os.environ.get("VKAE_ATTN_BLOCK_N", "0"))
+_BLOCK_N_ENV = os.environ.get("VKAE_ATTN_BLOCK_N", "0")
+ATTN_BLOCK_N = int(_BLOCK_N_ENV) if _BLOCK_N_ENV.isdigit() else -1
+if ATTN_BLOCK_N != 0 and (ATTN_BLOCK_N < 16 or ATTN_BLOCK_N & (ATTN_BLOCK_N - 1)):  # tl.dot and tl.arange need it
+    raise ValueError(f"VKAE_ATTN_BLOCK_N must be 0 (the heuristic) or a power of two >= 16; got {_BLOCK_N_ENV!r}")
 # Row block of the row-invariant mode: the block a 1-token decode step picks anyway when G <= 16
 # (Gemma: G = 2..8), so decode keeps its config and a verify step just runs more row blocks.
 INVARIANT_BLOCK_M = 16

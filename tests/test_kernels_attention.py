@@ -10,6 +10,8 @@ from kernels import _testutil
 
 RUN_HERE = _testutil.enter_interpreter()  # sets TRITON_INTERPRET=1 before triton is imported
 
+import os  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -225,3 +227,14 @@ def test_block_n_switch_gives_smaller_splits(monkeypatch):
     monkeypatch.setattr(da, "ATTN_BLOCK_N", 32)
     _, bn, _, splits = da.launch_config(256, 4, 1, 2, 528, 132)
     assert (bn, da.split_layout(528, splits, bn)[1]) == (32, 17)
+
+
+@pytest.mark.parametrize("value", ["24", "8", "abc", "-32"])
+def test_block_n_env_rejects_bad_values(value):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VKAE_ATTN_BLOCK_N": value}
+    p = subprocess.run([sys.executable, "-c", "import kernels.decode_attention"], env=env, capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode != 0 and "VKAE_ATTN_BLOCK_N must be 0" in p.stderr
