@@ -27,6 +27,9 @@ MAX_M = 16
 # Split K when fewer than SPLIT_BELOW_WAVES x (SM count) programs would run (module global so a
 # benchmark can A/B it; the split's reduction kernel costs ~1.3 us on an H100).
 SPLIT_BELOW_WAVES = 2.0
+# Keys of `gemv_config`'s result to force (BLOCK_N, num_stages, num_warps), applied before split-K is chosen;
+# empty = the heuristic. Module global so `scripts/stage_costs_gpu.py` can A/B tiles inside one process.
+TILE_OVERRIDES: dict[str, int] = {}
 # Batch invariance: every M <= 16 runs the same tensor-core tile (rows padded to 16) with the same split,
 # so a row's result does not depend on how many rows share the call. A speculative verify of K+1
 # positions then computes each position bit-for-bit like a 1-token decode step (lossless greedy on GPU).
@@ -194,6 +197,12 @@ def gemv_config(M: int, N: int, K: int, elem_bytes: int, sms: int) -> dict[str, 
     else:
         block_m, block_n, block_k = (16 if invariant else max(16, next_pow2(M))), 32, \
             128 if elem_bytes <= 2 else 64
+    tiles = dict(BLOCK_N=block_n, num_warps=4, num_stages=4)
+    unknown = set(TILE_OVERRIDES) - set(tiles)
+    if unknown:
+        raise ValueError(f"kernels.gemv.TILE_OVERRIDES: unknown keys {sorted(unknown)}; allowed {sorted(tiles)}")
+    tiles.update(TILE_OVERRIDES)
+    block_n = tiles["BLOCK_N"]
     n_progs = cdiv(N, block_n)
     split_k = 1
     if n_progs < SPLIT_BELOW_WAVES * sms:  # too few programs to keep every SM streaming: split K
@@ -202,7 +211,7 @@ def gemv_config(M: int, N: int, K: int, elem_bytes: int, sms: int) -> dict[str, 
     k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
     split_k = cdiv(K, k_per_split)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                k_per_split=k_per_split, num_warps=4, num_stages=4)
+                k_per_split=k_per_split, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
 
 
 def resolve_config(x: torch.Tensor, w: torch.Tensor, split_k: int | None = None, block_k: int | None = None,

@@ -89,6 +89,21 @@ def test_prefetched_tiles_same_bits(monkeypatch, M, split_k, block_k, K):
     check(x, w, split_k=split_k, block_k=block_k)
 
 
+def test_tile_overrides_same_bits(monkeypatch):
+    # BLOCK_N and pipeline depth change who loads which rows, not any row's K order: same bits, same split
+    x, w = rand((3, 512), torch.float32, 7), rand((200, 512), torch.float32, 8)
+    want = gv.linear_small_m_triton(x, w)
+    base = gv.gemv_config(3, 200, 512, 4, 132)
+    for over in ({"BLOCK_N": 64}, {"num_stages": 3}, {"num_warps": 8, "num_stages": 2}):
+        monkeypatch.setattr(gv, "TILE_OVERRIDES", over)
+        cfg = gv.gemv_config(3, 200, 512, 4, 132)
+        assert all(cfg[k] == v for k, v in over.items()) and cfg["BLOCK_K"] == base["BLOCK_K"]
+        assert torch.equal(gv.linear_small_m_triton(x, w), want), over
+    monkeypatch.setattr(gv, "TILE_OVERRIDES", {"BLOCK_K": 64})
+    with pytest.raises(ValueError, match="unknown keys"):
+        gv.gemv_config(3, 200, 512, 4, 132)
+
+
 def test_default_split_k_small_n_large_k():
     # the heuristic itself must choose split-K for few outputs over a long K (PLE-like)
     x, w = rand((2, 2048), torch.float32, 3), rand((32, 2048), torch.float32, 4)
