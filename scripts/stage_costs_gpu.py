@@ -96,6 +96,8 @@ def main() -> int:
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             runs[name].append(time_steps(gens[name], args.iters, warm=False))
+            t = runs[name][-1]  # as it comes, so a run cut short by a time limit still tells something
+            print(f"round {r} {name}: decode {t['decode_ms']:.3f} ms, verify {t['verify_ms']:.3f} ms", flush=True)
     res: dict = {"weights": "random", "geometry": "gemma-4-e4b", "gpu": torch.cuda.get_device_name(0),
                  "rounds": args.rounds, "iters": args.iters, "context": 256, "verify_width": 9, "variants": {}}
     base = {k: statistics.median(x[k] for x in runs["default"]) for k in ("decode_ms", "verify_ms")}
