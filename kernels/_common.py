@@ -33,6 +33,13 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # parks more CTAs on the SMs and was slower: H100 E4B step 5.20 ms vs 4.80 ms). VKAE_PDL=0 turns it
 # off. Read at launch, so a benchmark can A/B it in one process (CUDA graphs keep what they captured).
 PDL: bool = os.environ.get("VKAE_PDL", "1") != "0"
+# Early trigger for the short dependent kernels only (norm sandwiches, split-K reductions, the q/k/v epilogue,
+# decode attention; `pdl_flags(t, short=True)`): they let the next kernel launch *before* their own wait. A
+# kernel's dependents launch only once every one of its CTAs has triggered, so the GEMV after a short kernel
+# then parks its CTAs on the SMs the previous GEMV drains and requests its first weight tiles while that GEMV
+# and the short kernel finish, instead of after. GEMVs keep the trigger after the wait (the measured-slower
+# global early trigger above let whole chains of GEMVs park). VKAE_PDL_EARLY=1 turns it on; read at launch.
+PDL_EARLY_SHORT: bool = os.environ.get("VKAE_PDL_EARLY", "0") == "1"
 # Triton gained the grid-dependency ops and the `launch_pdl` launch option in 3.4; older ones launch plainly.
 _TRITON_HAS_PDL: bool = HAS_TRITON and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
 FORCE_TRITON_ON_CPU: bool = INTERPRET and os.environ.get("VKAE_TRITON_INTERPRET_TESTS", "0") == "1"
@@ -50,14 +57,15 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or FORCE_TRITON_ON_CPU
 
 
-def pdl_flags(t: torch.Tensor) -> dict[str, bool]:
+def pdl_flags(t: torch.Tensor, short: bool = False) -> dict[str, bool | int]:
     """Launch kwargs of a PDL-aware kernel for operands on t's device: the kernel's `PDL` constexpr
-    and Triton's `launch_pdl` option, both on for CUDA devices of compute capability >= 9.0."""
+    and Triton's `launch_pdl` option, both on for CUDA devices of compute capability >= 9.0. `short`: the
+    kernel is a short dependent one; with PDL_EARLY_SHORT its `PDL` is 2 (trigger before the wait)."""
     on = PDL and _TRITON_HAS_PDL and t.is_cuda and not INTERPRET
     if on:
         props = _cuda_props(t.device)
         on = (props.major, props.minor) >= (9, 0)
-    return {"PDL": on, "launch_pdl": on}
+    return {"PDL": 2 if on and short and PDL_EARLY_SHORT else on, "launch_pdl": on}
 
 
 def _cuda_props(device: torch.device):
@@ -105,8 +113,12 @@ if HAS_TRITON:
     @triton.jit
     def pdl_wait(PDL: tl.constexpr):
         """Under PDL: wait until the previous kernel has completed (its writes visible), then let the next
-        kernel launch. A no-op without PDL. Every PDL-launched kernel calls this before touching
-        activations; only reads of weights (never written during a step) may come before it."""
-        if PDL:
+        kernel launch (PDL == 2: let it launch first, see PDL_EARLY_SHORT). A no-op without PDL. Every
+        PDL-launched kernel calls this before touching activations; only reads of weights (never written
+        during a step) may come before it."""
+        if PDL == 2:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        elif PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()

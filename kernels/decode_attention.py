@@ -298,12 +298,12 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         S, T, Hq, Hkv, int(window), split_len, float(qk_scale), float(softcap or 1.0),
         G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_SOFTCAP=softcap is not None, DOT_FP32=dot_fp32_operands(q.dtype), EAGER_KV=bool(finite_cache),
-        num_warps=num_warps, num_stages=num_stages or ATTN_STAGES, **pdl_flags(q),
+        num_warps=num_warps, num_stages=num_stages or ATTN_STAGES, **pdl_flags(q, short=True),
     )
     if num_splits > 1:
         _attn_stage2[(B * T * Hq,)](opart, lse, out, num_splits, D=D,
                                     BLOCK_S=stage2_block(num_splits),
-                                    num_warps=4 if D >= 256 else 2, **pdl_flags(q))
+                                    num_warps=4 if D >= 256 else 2, **pdl_flags(q, short=True))
     return out
 
 

@@ -210,7 +210,7 @@ def sum_partials_triton(part: torch.Tensor) -> torch.Tensor:
     out = torch.empty(1, M, H, dtype=torch.float32, device=part.device)
     _partials_sum_kernel[(cdiv(M * H, REDUCE_BLOCK),)](part, out, P, M * H, BLOCK=REDUCE_BLOCK,
                                                       BLOCK_P=REDUCE_BLOCK_P, num_warps=4,
-                                                      **pdl_flags(part))
+                                                      **pdl_flags(part, short=True))
     return out
 
 

@@ -180,7 +180,7 @@ def _launch(geglu: bool, x: torch.Tensor, w: torch.Tensor, other: torch.Tensor |
         _splitk_act_kernel[(cdiv(M * NY, REDUCE_BLOCK),)](
             part, o, y, M, NY, o.stride(0), o.stride(1), y.stride(0), y.stride(1),
             GEGLU=geglu, X_DTYPE=tl_dtype(x.dtype), SPLIT_K=split, BLOCK=REDUCE_BLOCK, num_warps=4,
-            **pdl_flags(x))
+            **pdl_flags(x, short=True))
     return y
 
 

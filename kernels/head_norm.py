@@ -250,7 +250,7 @@ def head_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, p
     _head_norm_kernel[(R, H)](
         x3, w, c2, s2, y3, x3.stride(0), x3.stride(1), c2.stride(0), s2.stride(0), y3.stride(0), y3.stride(1),
         float(eps), D=D, BLOCK_D=next_pow2(D), HAS_W=weight is not None, PLUS_ONE=bool(plus_one),
-        ROPE=cos is not None, num_warps=_warps(D), **pdl_flags(x3))
+        ROPE=cos is not None, num_warps=_warps(D), **pdl_flags(x3, short=True))
     return y
 
 
@@ -290,7 +290,7 @@ def write_kv_triton(k_raw: torch.Tensor, v_raw: torch.Tensor, k_weight: torch.Te
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), slot_pos.stride(0), slot_pos.stride(1),
         rows.stride(0), rows.stride(1), slots.stride(0), slots.stride(1), pos32.stride(0), pos32.stride(1),
         float(eps), D=D, BLOCK_D=next_pow2(D), PLUS_ONE=bool(plus_one), V_NORM=bool(v_norm),
-        num_warps=_warps(D), **pdl_flags(k3))
+        num_warps=_warps(D), **pdl_flags(k3, short=True))
 
 
 def _qkv_shapes(x: torch.Tensor, w: torch.Tensor, num_heads: int, kv_heads: int, head_dim: int,
@@ -375,7 +375,7 @@ def linear_qkv_heads_triton(x: torch.Tensor, w: torch.Tensor, num_heads: int, kv
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(-2), slot_pos.stride(0), slot_pos.stride(-1),
         rows.stride(0), rows.stride(1), slots.stride(0), slots.stride(1), pos32.stride(0), pos32.stride(1),
         float(eps), D=D, BLOCK_D=next_pow2(D), SPLIT=split if split > 1 else 0, XD=tl_dtype(x.dtype),
-        PLUS_ONE=bool(plus_one), V_NORM=bool(v_norm), num_warps=_warps(D), **pdl_flags(x2))
+        PLUS_ONE=bool(plus_one), V_NORM=bool(v_norm), num_warps=_warps(D), **pdl_flags(x2, short=True))
     return q
 
 

@@ -252,7 +252,7 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, plu
     _rmsnorm_kernel[(triton.cdiv(R, block_r),)](
         x2, w, y, R, N, x2.stride(0), y.stride(0), float(eps),
         HAS_W=weight is not None, PLUS_ONE=bool(plus_one), SINGLE=single,
-        BLOCK_R=block_r, BLOCK_N=bn, num_warps=warps, **pdl_flags(x2))
+        BLOCK_R=block_r, BLOCK_N=bn, num_warps=warps, **pdl_flags(x2, short=True))
     return y.view(x.shape)
 
 
@@ -276,7 +276,7 @@ def _sandwich_launch(x: torch.Tensor, residual: torch.Tensor, w_post: torch.Tens
             h, y, R, N, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0), float(eps),
             HAS_WPOST=w_post is not None, HAS_WPRE=w_pre is not None, PLUS_ONE=bool(plus_one),
             HAS_SCALAR=scalar is not None, WRITE_Y=write_y,
-            SINGLE=single, BLOCK_R=block_r, BLOCK_N=bn, num_warps=warps, **pdl_flags(x2))
+            SINGLE=single, BLOCK_R=block_r, BLOCK_N=bn, num_warps=warps, **pdl_flags(x2, short=True))
     return h.view(residual.shape), y.view(residual.shape)
 
 

@@ -131,7 +131,7 @@ def sandwich_from_partials(part: torch.Tensor, x_dtype: torch.dtype, residual: t
         h, y, M, N, r2.stride(0), h.stride(0), y.stride(0), float(eps),
         X_DTYPE=tl_dtype(x_dtype), SPLIT_K=S, HAS_WPOST=w_post is not None,
         HAS_WPRE=w_next is not None, PLUS_ONE=bool(plus_one), HAS_SCALAR=scalar is not None,
-        WRITE_Y=write_y, BLOCK_N=block_n, num_warps=warps, **pdl_flags(part))
+        WRITE_Y=write_y, BLOCK_N=block_n, num_warps=warps, **pdl_flags(part, short=True))
     return h.view(residual.shape), y.view(residual.shape)
 
 

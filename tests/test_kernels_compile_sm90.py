@@ -44,7 +44,10 @@ def _compile_all() -> int:
         assert kernel.asm.get("cubin"), fn.__name__
         ptx = kernel.asm["ptx"]
         # PDL (programmatic dependent launch): the wait must be in the code exactly when asked for
-        assert ("griddepcontrol.wait" in ptx) == consts["PDL"], fn.__name__
+        assert ("griddepcontrol.wait" in ptx) == bool(consts["PDL"]), fn.__name__
+        if consts["PDL"]:  # PDL == 2 (kernels._common.PDL_EARLY_SHORT): the next kernel may launch before the wait
+            trigger, wait = ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait")
+            assert trigger >= 0 and (trigger < wait) == (consts["PDL"] == 2), fn.__name__
         # the L2 prefetch of the next weights (kernels.l2_prefetch): one bulk prefetch per segment asked for
         assert ptx.count("cp.async.bulk.prefetch.L2.global") == consts.get("PF_SEGS", 0), fn.__name__
         if consts.get("W_EVICT") == "evict_first":
@@ -84,7 +87,8 @@ def _compile_all() -> int:
                "h_ptr": "*bf16", "y_ptr": "*bf16", "M": i32, "N": i32, "srr": i32, "shr": i32, "syr": i32,
                "eps": "fp32"},
               dict(X_DTYPE=tl.bfloat16, SPLIT_K=4, HAS_WPOST=True, HAS_WPRE=write_y, PLUS_ONE=not scalar,
-                   HAS_SCALAR=scalar, WRITE_Y=write_y, BLOCK_N=4096, PDL=write_y), warps=8)
+                   HAS_SCALAR=scalar, WRITE_Y=write_y, BLOCK_N=4096, PDL=(2 if scalar else True) if write_y else False),
+              warps=8)
     # the fused q/k/v epilogue: from split-K partials (fp32) and from the GEMV's own output (bf16)
     ints = ("T", "HQ", "k_col", "v_col", "s_split", "s_row", "scr", "ssr", "sqr", "sqh", "skcb", "skch", "skcs",
             "svcb", "svch", "svcs", "sspb", "ssps", "srb", "srt", "slb", "slt", "spb", "spt")
@@ -93,7 +97,7 @@ def _compile_all() -> int:
               {"src_ptr": "*fp32" if split else "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "cos_ptr": "*bf16",
                "sin_ptr": "*bf16", "q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "sp_ptr": "*i32",
                "rows_ptr": "*i64", "slots_ptr": "*i64", "pos_ptr": "*i32", **{k: i32 for k in ints}, "eps": "fp32"},
-              dict(D=256, BLOCK_D=256, SPLIT=split, XD=tl.bfloat16, PLUS_ONE=False, V_NORM=v_norm, PDL=True), warps=1)
+              dict(D=256, BLOCK_D=256, SPLIT=split, XD=tl.bfloat16, PLUS_ONE=False, V_NORM=v_norm, PDL=True if split else 2), warps=1)
     # the MLP as one weight stream: tensor-core and M == 1 paths, then its partial sum
     for bm in (16, 1):
         build(fm._mlp_kernel,
@@ -102,7 +106,7 @@ def _compile_all() -> int:
               dict(BLOCK_M=bm, GROUP_I=fm.GROUP_I, UNIT=fm.UNIT, BLOCK_K=fm.BLOCK_K, BLOCK_H=fm.BLOCK_H,
                    USE_DOT=bm > 1, DOT_FP32=False, EVEN_K=True, PDL=bm > 1, PREFETCH=2, W_EVICT=""))
     build(fm._partials_sum_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32", "P": i32, "MN": i32},
-          dict(BLOCK=fm.REDUCE_BLOCK, BLOCK_P=fm.REDUCE_BLOCK_P, PDL=True))
+          dict(BLOCK=fm.REDUCE_BLOCK, BLOCK_P=fm.REDUCE_BLOCK_P, PDL=2))
     return 0
 
 

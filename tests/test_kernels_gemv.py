@@ -143,3 +143,20 @@ def test_pdl_only_for_cuda_tensors_on_hopper():
     # programmatic dependent launch needs a CUDA device of compute capability >= 9.0; the interpreter and
     # CPU tensors launch plainly (the kernels then compile without griddepcontrol)
     assert common.pdl_flags(torch.zeros(1)) == {"PDL": False, "launch_pdl": False}
+
+
+def test_pdl_early_trigger_only_for_short_kernels(monkeypatch):
+    # the early trigger (PDL == 2) goes only to kernels launched as short ones, and only with the switch on;
+    # a Hopper CUDA operand is described, not allocated (this machine has no GPU)
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(common, "_TRITON_HAS_PDL", True)
+    monkeypatch.setattr(common, "_cuda_props", lambda device: SimpleNamespace(major=9, minor=0))
+    hopper = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    for early in (False, True):
+        monkeypatch.setattr(common, "PDL_EARLY_SHORT", early)
+        assert common.pdl_flags(hopper) == {"PDL": True, "launch_pdl": True}
+        assert common.pdl_flags(hopper, short=True) == {"PDL": 2 if early else True, "launch_pdl": True}
+    monkeypatch.setattr(common, "PDL", False)
+    assert common.pdl_flags(hopper, short=True) == {"PDL": False, "launch_pdl": False}
