@@ -40,6 +40,7 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     out["attn_bn32_st1"] = {(da, "ATTN_BLOCK_N"): 32, (da, "MIN_SPLIT_SLOTS"): 32, (da, "ATTN_STAGES"): 1}
     out["attn_st1"] = {(da, "ATTN_STAGES"): 1}
     out["pdl_early"] = {("kernels._common", "PDL_EARLY_SHORT"): True}  # short kernels trigger before their wait
+    out["pdl_early_ple2"] = {**out["pdl_early"], **out["ple_2launch"]}
     gv = "kernels.gemv"  # GEMV tiles: the order of each row's K sums is unchanged, so results stay bitwise
     out["gemv_n64"] = {(gv, "TILE_OVERRIDES"): {"BLOCK_N": 64}}
     out["gemv_st3"] = {(gv, "TILE_OVERRIDES"): {"num_stages": 3}}
