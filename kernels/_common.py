@@ -37,8 +37,8 @@ PDL: bool = os.environ.get("VKAE_PDL", "1") != "0"
 # decode attention; `pdl_flags(t, short=True)`): they let the next kernel launch *before* their own wait. A
 # kernel's dependents launch only once every one of its CTAs has triggered, so the GEMV after a short kernel
 # then parks its CTAs on the SMs the previous GEMV drains and requests its first weight tiles while that GEMV
-# and the short kernel finish, instead of after. GEMVs keep the trigger after the wait (the measured-slower
-# global early trigger above let whole chains of GEMVs park). VKAE_PDL_EARLY=1 turns it on; read at launch.
+# and the short kernel finish, instead of after. GEMVs keep the trigger after the wait: the global early trigger
+# above was measured slower, our guess being that it let whole chains of GEMVs park (not measured). VKAE_PDL_EARLY=1 turns it on; read at launch.
 PDL_EARLY_SHORT: bool = os.environ.get("VKAE_PDL_EARLY", "0") == "1"
 # Triton gained the grid-dependency ops and the `launch_pdl` launch option in 3.4; older ones launch plainly.
 _TRITON_HAS_PDL: bool = HAS_TRITON and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")

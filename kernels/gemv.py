@@ -284,7 +284,8 @@ def linear_small_m_triton(x: torch.Tensor, w: torch.Tensor, split_k: int | None 
     if split > 1:
         block = 1024
         _splitk_reduce_kernel[(cdiv(M * N, block),)](part, y, M, N, y.stride(0), y.stride(1),
-                                                     SPLIT_K=split, BLOCK=block, num_warps=4, **pdl_flags(x, short=True))
+                                                     SPLIT_K=split, BLOCK=block, num_warps=4,
+                                                     **pdl_flags(x, short=True))
     return y
 
 
