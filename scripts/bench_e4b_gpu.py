@@ -271,12 +271,16 @@ def main() -> int:
 
     res["engine_vs_hf"] = res.get("engine_tps", 0) / res["hf_static_tps"] if "hf_static_tps" in res else None
     res["engine_floor_fraction"] = res["engine_tps"] / res["floor_tps"]
+    # issue #6 bar 1 asks for >= 90 % of the floor AND >= 3x transformers: when transformers runs fast, 3x of it
+    # can sit above the floor itself, so say what fraction of the floor the 3x half of the bar needs
+    res["three_x_hf_floor_fraction"] = 3 * res["hf_static_tps"] / res["floor_tps"] if "hf_static_tps" in res else None
     rows = [("GPU", res["gpu"]), ("weights", "random bf16, E4B geometry"),
             ("copy bandwidth (r+w)", f"{res['copy_bandwidth_gbs']:.0f} GB/s"),
             ("HBM floor", f"{res['floor_tps']:.1f} TPS"),
             ("engine TPS (b1, p256, n256)", f"{res['engine_tps']:.1f}  ({100 * res['engine_floor_fraction']:.1f}% of floor)"),
             ("transformers static generate", f"{res.get('hf_static_tps', float('nan')):.1f} TPS"),
             ("engine / transformers", f"{res['engine_vs_hf'] or float('nan'):.2f}x"),
+            ("3x transformers = floor x", f"{res['three_x_hf_floor_fraction'] or float('nan'):.3f}"),
             ("logits fp32 engine vs hf", f"{res['fp32_engine_vs_hf_max_abs_diff']:.2e} / {100 * res['fp32_engine_vs_hf_top1_agreement']:.2f}%"),
             ("logits bf16 engine vs hf", f"{res['logits_max_abs_diff']:.4f} / {100 * res['top1_agreement']:.2f}%"),
             ("bf16 vs fp32: engine | hf", f"{100 * res['bf16_engine_vs_fp32_top1_agreement']:.2f}% | "

@@ -46,7 +46,12 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     out["gemv_st3"] = {(gv, "TILE_OVERRIDES"): {"num_stages": 3}}
     out["gemv_st6"] = {(gv, "TILE_OVERRIDES"): {"num_stages": 6}}
     out["gemv_split4"] = {(gv, "SPLIT_BELOW_WAVES"): 4.0}  # more K splits: changes the sums' order
-    return out
+    # weight tiles requested before the PDL wait (default 2): with the early trigger a GEMV waits longer, so a
+    # deeper prefetch may pay where it did not before (bitwise neutral: same K order)
+    out["gemv_pf4"] = {(gv, "PREFETCH_TILES"): 4}
+    out["pdl_early_pf4"] = {**out["pdl_early"], **out["gemv_pf4"]}
+    first = ("default", "pdl_early", "ple_2launch", "pdl_early_ple2", "pdl_early_pf4", "gemv_pf4")
+    return {n: out[n] for n in first} | {n: v for n, v in out.items() if n not in first}
 
 
 def build(lm, switches: dict[tuple[str, str], object]):
@@ -89,17 +94,23 @@ def main() -> int:
             raise SystemExit(f"unknown variants {unknown}; known: {', '.join(table)}")
         table = {n: table[n] for n in wanted}
     lm = load_model("gemma-4-e4b", device="cuda", dtype=torch.bfloat16, random_weights=True, seed=0)
-    gens = {}
-    for name, sw in table.items():
-        gens[name] = build(lm, sw)
-        print(f"captured {name}", flush=True)
     names = list(table)
+    gens = {}
     runs: dict[str, list[dict]] = {n: [] for n in names}
-    for r in range(args.rounds):
+
+    def timed(r: int, name: str) -> None:
+        runs[name].append(time_steps(gens[name], args.iters, warm=False))
+        t = runs[name][-1]  # as it comes, so a run cut short by a time limit still tells something
+        print(f"round {r} {name}: decode {t['decode_ms']:.3f} ms, verify {t['verify_ms']:.3f} ms", flush=True)
+
+    # round 0 times each variant right after its capture (captures compile, so they take most of the run:
+    # a run cut short still has one timing of every variant captured); later rounds rotate the order
+    for name in names:
+        gens[name] = build(lm, table[name])
+        timed(0, name)
+    for r in range(1, args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            runs[name].append(time_steps(gens[name], args.iters, warm=False))
-            t = runs[name][-1]  # as it comes, so a run cut short by a time limit still tells something
-            print(f"round {r} {name}: decode {t['decode_ms']:.3f} ms, verify {t['verify_ms']:.3f} ms", flush=True)
+            timed(r, name)
     res: dict = {"weights": "random", "geometry": "gemma-4-e4b", "gpu": torch.cuda.get_device_name(0),
                  "rounds": args.rounds, "iters": args.iters, "context": 256, "verify_width": 9, "variants": {}}
     base = {k: statistics.median(x[k] for x in runs["default"]) for k in ("decode_ms", "verify_ms")}
