@@ -44,11 +44,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def attend_cache(q: torch.Tensor, cache, positions: torch.Tensor, window: int | None, scale: float,
-                 softcap: float | None) -> torch.Tensor:
+                 softcap: float | None, defer_merge_max_splits: int = 0):
     """Decode/verify attention of q [B, T, Hq, D] over one layer cache -> [B, T, Hq, D].
-    CUDA: the split-KV Triton kernel (no mask tensor is materialised); CPU: SDPA with a position mask."""
+    CUDA: the split-KV Triton kernel (no mask tensor is materialised); CPU: SDPA with a position mask.
+    `defer_merge_max_splits` > 0 (CUDA only): where the kernel splits the keys into at most that many
+    pieces, the unmerged `kernels.decode_attention.SplitAttention` comes back instead, for the o projection
+    to merge (`engine.fused_tail.proj_sandwich`)."""
     if q.is_cuda and _TRITON_ATTENTION:
-        from kernels.decode_attention import decode_attention
+        from kernels.decode_attention import decode_attention, decode_attention_triton
+
+        if defer_merge_max_splits:
+            return decode_attention_triton(q, cache.k, cache.v, cache.slot_pos, positions, window or 0, scale,
+                                           softcap, finite_cache=cache.ring,
+                                           defer_merge_max_splits=defer_merge_max_splits)
 
         # A ring (sliding layer) is full once a stream passes its window, so its K/V are loaded without
         # waiting for the slot positions; caches start zeroed (engine.cache), so every slot is finite.

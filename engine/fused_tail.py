@@ -43,6 +43,14 @@ FUSED_MLP: bool = os.environ.get("VKAE_FUSED_MLP", "0") != "0"
 # graphed step (`scripts/stage_costs_gpu.py`, variant ple_2launch). Needs FUSED_EPILOGUES too; env VKAE_FUSED_PLE=1.
 # Read at call time.
 FUSED_PLE: bool = os.environ.get("VKAE_FUSED_PLE", "0") != "0"
+# Decode attention's split merge (stage 2) done inside the o projection's GEMV (`kernels.gemv_merged_input`):
+# 1 launch fewer per layer where the keys split into at most ATTN_MERGE_MAX_SPLITS pieces (E4B's sliding
+# layers: 5) and the step has at most ATTN_MERGE_MAX_ROWS rows (each GEMV program re-reads its heads' partials
+# from L2, for every row). Bitwise the two-launch path. Off until timed (`scripts/stage_costs_gpu.py`, variant
+# attn_merge). Needs FUSED_EPILOGUES too; env VKAE_FUSED_ATTN_MERGE=1. Read at call time.
+FUSED_ATTN_MERGE: bool = os.environ.get("VKAE_FUSED_ATTN_MERGE", "0") != "0"
+ATTN_MERGE_MAX_SPLITS = 8
+ATTN_MERGE_MAX_ROWS = 16
 
 
 def fusable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -92,10 +100,25 @@ def proj_qkv_heads(lin: Linear, x: torch.Tensor, num_heads: int, kv_heads: int, 
     return q
 
 
-def proj_sandwich(lin: Linear, x: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor,
+def attn_merge_splits(q: torch.Tensor, o_proj: Linear) -> int:
+    """`engine.attention.attend_cache`'s defer_merge_max_splits for q [B, T, Hq, D] whose output feeds o_proj:
+    ATTN_MERGE_MAX_SPLITS where the o projection can merge the splits itself, else 0."""
+    rows = q.numel() // (q.shape[-1] * q.shape[-2])
+    if not (FUSED_ATTN_MERGE and rows <= ATTN_MERGE_MAX_ROWS
+            and fusable(q.view(rows, -1) if q.is_contiguous() else q.reshape(rows, -1), o_proj.weight)):
+        return 0
+    return ATTN_MERGE_MAX_SPLITS
+
+
+def proj_sandwich(lin: Linear, x, residual: torch.Tensor, w_post: torch.Tensor,
                   w_next: torch.Tensor, scalar: torch.Tensor | None, eps: float, plus_one: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`ops.sandwich(lin(x), residual, ...)`: (new residual h, next layer's normed input)."""
+    """`ops.sandwich(lin(x), residual, ...)`: (new residual h, next layer's normed input). x may be the unmerged
+    attention (`kernels.decode_attention.SplitAttention`, see `attn_merge_splits`): its merge runs in the GEMV."""
+    if not isinstance(x, torch.Tensor):
+        from kernels.gemv_merged_input import merged_sandwich_triton
+
+        return merged_sandwich_triton(x, lin.weight, residual, w_post, w_next, scalar, eps, plus_one)
     if fusable(x, lin.weight):
         from kernels.splitk_norm import linear_sandwich_triton
 

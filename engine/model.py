@@ -264,8 +264,10 @@ class GemmaDecoder(nn.Module):
                        layer.head_dim, layer.q_norm, layer.k_norm, cos, sin, kv, eps, plus_one, self.arch.has_v_norm,
                        layer.k_eq_v)
             o = _stage("attn", attend_cache, q, lc, pos32, self._window(layer, window), self.arch.attn_scale,
-                       self.arch.attn_softcap)
-            h, x = self._layer_tail(layer, h, o.reshape(B, T, -1), per_layer, self._next_norm(layer.index))
+                       self.arch.attn_softcap, fused_tail.attn_merge_splits(q, layer.o_proj))
+            # unmerged splits (a SplitAttention) go to the o projection as they are: it merges them itself
+            attn = o.reshape(B, T, -1) if isinstance(o, torch.Tensor) else o
+            h, x = self._layer_tail(layer, h, attn, per_layer, self._next_norm(layer.index))
         return x
 
     # ---- head --------------------------------------------------------------------------

@@ -123,9 +123,9 @@ def route_decode_as_cuda(monkeypatch) -> None:
             return gv.linear_small_m_triton(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
         return torch.nn.functional.linear(x, w)
 
-    def attend_cache_triton(q, cache, positions, window, scale, softcap):
+    def attend_cache_triton(q, cache, positions, window, scale, softcap, defer_merge_max_splits=0):
         return da.decode_attention_triton(q, cache.k, cache.v, cache.slot_pos, positions, window or 0, scale,
-                                          softcap)
+                                          softcap, defer_merge_max_splits=defer_merge_max_splits)
 
     for name in ROW_INVARIANT_OPS:
         monkeypatch.setattr(ops, name, getattr(ops, name).row_invariant)

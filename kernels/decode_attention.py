@@ -23,6 +23,7 @@ Launches depend only on shapes (no host sync), so they can be captured in CUDA g
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -182,28 +183,37 @@ if HAS_TRITON:
             tl.store(lse_ptr + grow * NUM_SPLITS + pid_s, lse, mask=row_ok)
 
     @triton.jit
+    def merge_splits(opart_ptr, lse_ptr, row, offs_d, ok, NUM_SPLITS, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """The log-sum-exp merge of stage 1's KV splits, elementwise: element i of the result (fp32) is output
+        column offs_d[i] of scratch row row[i] (int64), for the elements where `ok`. Shared by stage 2 and by
+        `kernels.gemv_merged_input` (the o projection merging its own input), so both give the same bits: the
+        maximum, then the weights, their sum and the weighted partials, all in split order s = 0, 1, ...
+        Unrolled over BLOCK_S (>= NUM_SPLITS): every split's loads issue at once. A split past NUM_SPLITS, or
+        one with weight 0 (no visible key: stage 1 stored no partial), is not loaded and adds 0 * 0 = 0."""
+        zero = (offs_d * 0).to(tl.float32)
+        m = zero + float("-inf")
+        for s in tl.static_range(BLOCK_S):
+            in_range = ok & ((offs_d * 0 + s) < NUM_SPLITS)
+            m = tl.maximum(m, tl.load(lse_ptr + row * NUM_SPLITS + s, mask=in_range, other=float("-inf")))
+        m = tl.where(m == float("-inf"), 0.0, m)
+        denom = zero
+        acc = zero
+        for s in tl.static_range(BLOCK_S):
+            lse = tl.load(lse_ptr + row * NUM_SPLITS + s, mask=ok & ((offs_d * 0 + s) < NUM_SPLITS),
+                          other=float("-inf"))
+            w = tl.exp2(lse - m)  # empty split (or past NUM_SPLITS): exp2(-inf) = 0
+            denom += w
+            acc += w * tl.load(opart_ptr + (row * NUM_SPLITS + s) * D + offs_d, mask=ok & (w > 0.0), other=0.0)
+        return acc / tl.where(denom == 0.0, 1.0, denom)
+
+    @triton.jit
     def _attn_stage2(opart_ptr, lse_ptr, out_ptr, NUM_SPLITS,
                      D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
         # One program per (b, t, q head) row; the output is contiguous [B, T, Hq, D].
         pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
-        offs_s = tl.arange(0, BLOCK_S)
-        lse = tl.load(lse_ptr + row * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS,
-                      other=float("-inf"))
-        m = tl.max(lse, axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        denom = tl.sum(tl.exp2(lse - m), axis=0)
         offs_d = tl.arange(0, D)
-        acc = tl.zeros([D], tl.float32)
-        weights = tl.exp2(lse - m)  # empty split (or past NUM_SPLITS): exp2(-inf) = 0
-        # Unrolled over BLOCK_S (>= NUM_SPLITS) so every split's loads are issued at once; the sum still runs
-        # in split order. A split past NUM_SPLITS, or one with weight 0 (no visible key: stage 1 did not store
-        # its partial), is not loaded and adds 0 * 0 = 0: acc unchanged, bit for bit, as if it were loaded.
-        for s in tl.static_range(BLOCK_S):
-            w = tl.sum(tl.where(offs_s == s, weights, 0.0), axis=0)  # element s, exactly
-            ok = ((offs_d * 0 + s) < NUM_SPLITS) & ((offs_d * 0.0 + w) > 0.0)
-            acc += w * tl.load(opart_ptr + (row * NUM_SPLITS + s) * D + offs_d, mask=ok, other=0.0)
-        o = acc / tl.where(denom == 0.0, 1.0, denom)
+        o = merge_splits(opart_ptr, lse_ptr, row + offs_d * 0, offs_d, offs_d < D, NUM_SPLITS, D, BLOCK_S)
         tl.store(out_ptr + row * D + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
@@ -255,16 +265,40 @@ def stage2_block(num_splits: int) -> int:
     return max(2, next_pow2(num_splits))
 
 
+@dataclass(frozen=True)
+class SplitAttention:
+    """Stage 1's output before the merge: opart [B*T*Hq, num_splits, D] fp32 partial outputs and lse
+    [B*T*Hq, num_splits] (base 2; -inf where a split saw no key) for an attention output of `shape`
+    (B, T, Hq, D) in `dtype`. The consumer merges it (`kernels.gemv_merged_input`: the o projection
+    computes its own input) or calls `merged()` (stage 2)."""
+    opart: torch.Tensor
+    lse: torch.Tensor
+    num_splits: int
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+
+    def merged(self) -> torch.Tensor:
+        """Stage 2: the attention output [B, T, Hq, D] in `dtype`."""
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.opart.device)
+        D = self.shape[3]
+        _attn_stage2[(self.opart.shape[0],)](self.opart, self.lse, out, self.num_splits, D=D,
+                                             BLOCK_S=stage2_block(self.num_splits),
+                                             num_warps=4 if D >= 256 else 2, **pdl_flags(self.opart, short=True))
+        return out
+
+
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             slot_pos: torch.Tensor, q_pos: torch.Tensor, window: int, scale: float,
                             softcap: float | None = None, num_splits: int | None = None,
                             block_n: int | None = None, block_m: int | None = None,
-                            finite_cache: bool = False, num_stages: int | None = None) -> torch.Tensor:
+                            finite_cache: bool = False, num_stages: int | None = None,
+                            defer_merge_max_splits: int = 0) -> torch.Tensor | SplitAttention:
     """Triton path. `num_splits` / `block_n` / `block_m` override the heuristics (tests use them
     to force the split-KV reduction and several row blocks on tiny shapes). `finite_cache`: the caller
     promises finite values in every slot (written or zero-initialised); the kernel then loads K/V with the
     slot positions instead of after them (one memory round trip fewer per tile). `num_stages` overrides
-    ATTN_STAGES (sweeps)."""
+    ATTN_STAGES (sweeps). With 1 < splits <= `defer_merge_max_splits` stage 2 is not launched: the result is
+    the unmerged `SplitAttention`, for a consumer that merges it itself."""
     B, T, Hq, D = q.shape
     Bk, Hkv, S, Dk = k_cache.shape
     if (Bk, Dk) != (B, D) or v_cache.shape != k_cache.shape:
@@ -284,7 +318,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         num_splits = splits
     split_len, num_splits = split_layout(S, num_splits, block_n)
 
-    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device) if num_splits == 1 else q  # q: unused
     if num_splits > 1:
         opart = torch.empty(B * T * Hq, num_splits, D, dtype=torch.float32, device=q.device)
         lse = torch.empty(B * T * Hq, num_splits, dtype=torch.float32, device=q.device)
@@ -300,11 +334,10 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         HAS_SOFTCAP=softcap is not None, DOT_FP32=dot_fp32_operands(q.dtype), EAGER_KV=bool(finite_cache),
         num_warps=num_warps, num_stages=num_stages or ATTN_STAGES, **pdl_flags(q, short=True),
     )
-    if num_splits > 1:
-        _attn_stage2[(B * T * Hq,)](opart, lse, out, num_splits, D=D,
-                                    BLOCK_S=stage2_block(num_splits),
-                                    num_warps=4 if D >= 256 else 2, **pdl_flags(q, short=True))
-    return out
+    if num_splits == 1:
+        return out
+    split = SplitAttention(opart, lse, num_splits, (B, T, Hq, D), q.dtype)
+    return split if num_splits <= defer_merge_max_splits else split.merged()
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -319,4 +352,4 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return decode_attention_ref(q, k_cache, v_cache, slot_pos, q_pos, window, scale, softcap)
 
 
-__all__ = ["decode_attention", "decode_attention_ref", "decode_attention_triton"]
+__all__ = ["SplitAttention", "decode_attention", "decode_attention_ref", "decode_attention_triton"]

@@ -41,6 +41,11 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     out["attn_st1"] = {(da, "ATTN_STAGES"): 1}
     out["pdl_early"] = {("kernels._common", "PDL_EARLY_SHORT"): True}  # short kernels trigger before their wait
     out["pdl_early_ple2"] = {**out["pdl_early"], **out["ple_2launch"]}
+    ft = "engine.fused_tail"  # attention's split merge inside the o projection (bitwise the two-launch path)
+    out["attn_merge"] = {(ft, "FUSED_ATTN_MERGE"): True}
+    out["attn_merge_b1"] = {(ft, "FUSED_ATTN_MERGE"): True, (ft, "ATTN_MERGE_MAX_ROWS"): 1}  # decode only
+    out["merge_ple2"] = {**out["attn_merge"], **out["ple_2launch"]}
+    out["early_merge_ple2"] = {**out["pdl_early"], **out["merge_ple2"]}
     gv = "kernels.gemv"  # GEMV tiles: the order of each row's K sums is unchanged, so results stay bitwise
     out["gemv_n64"] = {(gv, "TILE_OVERRIDES"): {"BLOCK_N": 64}}
     out["gemv_st3"] = {(gv, "TILE_OVERRIDES"): {"num_stages": 3}}
@@ -50,7 +55,8 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     # deeper prefetch may pay where it did not before (bitwise neutral: same K order)
     out["gemv_pf4"] = {(gv, "PREFETCH_TILES"): 4}
     out["pdl_early_pf4"] = {**out["pdl_early"], **out["gemv_pf4"]}
-    first = ("default", "pdl_early", "ple_2launch", "pdl_early_ple2", "pdl_early_pf4", "gemv_pf4")
+    first = ("default", "pdl_early", "ple_2launch", "attn_merge", "merge_ple2", "early_merge_ple2", "pdl_early_ple2",
+             "attn_merge_b1", "pdl_early_pf4", "gemv_pf4")
     return {n: out[n] for n in first} | {n: v for n, v in out.items() if n not in first}
 
 
@@ -105,8 +111,16 @@ def main() -> int:
 
     # round 0 times each variant right after its capture (captures compile, so they take most of the run:
     # a run cut short still has one timing of every variant captured); later rounds rotate the order
-    for name in names:
-        gens[name] = build(lm, table[name])
+    for name in list(names):
+        try:
+            gens[name] = build(lm, table[name])
+        except Exception as e:  # a variant that fails to compile or capture must not cost the others' timings
+            if name == "default":
+                raise
+            print(f"variant {name} failed: {type(e).__name__}: {e}", flush=True)
+            names.remove(name)
+            torch.cuda.synchronize()
+            continue
         timed(0, name)
     for r in range(1, args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
