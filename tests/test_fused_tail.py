@@ -204,3 +204,33 @@ def test_fused_mlp_decode_step_matches_unfused_and_reference(alias, split_everyw
         expected.update(linear_gelu_gate_triton=2 * L)
     assert calls == expected
     _assert_fused_step(model, want, unfused, one, wide)
+
+
+@pytest.mark.parametrize("alias", ["tiny-gemma4", "tiny-gemma3"])
+def test_attention_merge_in_o_proj_decode_step_bitwise(alias, monkeypatch):
+    """FUSED_ATTN_MERGE on, with decode attention forced to split its caches into 16-slot pieces: every
+    layer's o projection runs `kernels.gemv_merged_input.merged_sandwich_triton` on the unmerged splits (no
+    stage 2 launch), and the steps are bit for bit those with the switch off; verify row 0 equals decode."""
+    import kernels.decode_attention as da
+    import kernels.gemv_merged_input as gm
+
+    monkeypatch.setattr(da, "ATTN_BLOCK_N", 16)
+    monkeypatch.setattr(da, "MIN_SPLIT_SLOTS", 16)
+    model, arch, want, unfused, one, wide, calls = _steps(alias, monkeypatch, True)
+    merged: list[int] = []
+
+    def counted(split, *a, _fn=gm.merged_sandwich_triton, **kw):
+        merged.append(split.num_splits)
+        return _fn(split, *a, **kw)
+
+    monkeypatch.setattr(gm, "merged_sandwich_triton", counted)
+    monkeypatch.setattr(fused_tail, "FUSED_ATTN_MERGE", True)
+    _, _, step, fresh_cache = _testutil.tiny_decode_setup(alias, (1, 2))
+    with torch.no_grad():
+        cache = fresh_cache()
+        wide_m = step(9, cache)[:, :1].clone()
+        one_m = step(1, cache)
+    L = arch.num_layers
+    assert len(merged) == 2 * L and min(merged) > 1  # every layer, verify and decode, took the deferred merge
+    assert torch.equal(one_m, one) and torch.equal(wide_m, wide)
+    _assert_fused_step(model, want, unfused, one_m, wide_m)
