@@ -180,6 +180,22 @@ def _small_cases() -> list[tuple]:
         cases.append((f"_attn_stage2 D {D} splits {splits}", da._attn_stage2, dict(NUM_SPLITS=splits),
                       {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": bf}, (),
                       dict(D=D, BLOCK_S=da.stage2_block(splits), PDL=True), 4 if D >= 256 else 2, 3))
+        if splits <= 8:  # where engine.fused_tail defers the merge to the o projection
+            import kernels.gemv_merged_input as gm
+            from kernels._common import next_pow2
+
+            K = 8 * D
+            o_cfg = gv.gemv_config(1, H, K, 2, 132)
+            cases.append((f"_gemv_merge_in_kernel o_proj D {D} splits {splits}", gm._gemv_merge_in_kernel,
+                          dict(M=1, N=H, K=K, HQ=8, NUM_SPLITS=splits, swn=K, swk=1, sym=H, syn=1,
+                               k_per_split=o_cfg["k_per_split"]),
+                          {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "x_ptr": bf, "w_ptr": bf, "y_ptr": bf,
+                           "part_ptr": "*fp32"}, (),
+                          dict(D=D, BLOCK_S=da.stage2_block(splits), M_BLOCK=min(gm.MERGE_BLOCK, next_pow2(o_cfg["k_per_split"])),
+                               BLOCK_M=o_cfg["BLOCK_M"], BLOCK_N=o_cfg["BLOCK_N"], BLOCK_K=o_cfg["BLOCK_K"],
+                               SPLIT_K=o_cfg["SPLIT_K"], USE_DOT=o_cfg["BLOCK_M"] > 1, DOT_FP32=False, EVEN_K=True,
+                               PDL=True, PREFETCH=min(2, gv.PREFETCH_TILES), W_EVICT=""),
+                          o_cfg["num_warps"], o_cfg["num_stages"]))
     return cases
 
 

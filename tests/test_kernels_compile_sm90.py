@@ -1,5 +1,5 @@
 """Compile the GEMV family (`kernels.gemv`, `kernels.gemv_epilogue`, `kernels.gemv_gated_input`, `kernels.splitk_norm`,
-`kernels.head_norm`, `kernels.fused_mlp`) for an H100
+`kernels.head_norm`, `kernels.fused_mlp`, `kernels.gemv_merged_input`, decode attention's stage 2) for an H100
 (sm_90) without a GPU: Triton's compiler and the ptxas shipped in its wheel need none.
 
 The interpreter tests run the kernels' arithmetic, but the interpreter accepts code the compiler
@@ -77,6 +77,20 @@ def _compile_all() -> int:
                **{k: i32 for k in ("M", "N", "P", "som", "son", "swn", "swk", "sym", "syn")}},
               dict(SPLIT=10, X_DTYPE=tl.bfloat16, G_BLOCK=gi.GATED_BLOCK, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                    USE_DOT=bm > 1, DOT_FP32=False, EVEN_K=True, PDL=bm > 1, PREFETCH=2, W_EVICT=""))
+    # the o projection merging decode attention's splits itself (sliding layers: 5 splits of D = 256), and
+    # stage 2, which shares its merge code
+    import kernels.decode_attention as da
+    import kernels.gemv_merged_input as gm
+
+    for bm, bn, bk in tiles:
+        build(gm._gemv_merge_in_kernel,
+              {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16",
+               "part_ptr": "*fp32", **{k: i32 for k in ("M", "N", "K", "HQ", "NUM_SPLITS", "swn", "swk", "sym",
+                                                        "syn", "k_per_split")}},
+              dict(D=256, BLOCK_S=8, M_BLOCK=512 if bm == 1 else 1024, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                   SPLIT_K=4, USE_DOT=bm > 1, DOT_FP32=False, EVEN_K=True, PDL=True, PREFETCH=2, W_EVICT=""))
+    build(da._attn_stage2, {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "NUM_SPLITS": i32},
+          dict(D=512, BLOCK_S=32, PDL=2))
     for geglu in (True, False):
         build(ge._splitk_act_kernel, {"part_ptr": "*fp32", "o_ptr": "*bf16", "y_ptr": "*bf16", "M": i32, "NY": i32,
                                       "som": i32, "son": i32, "sym": i32, "syn": i32},
