@@ -318,7 +318,8 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         num_splits = splits
     split_len, num_splits = split_layout(S, num_splits, block_n)
 
-    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device) if num_splits == 1 else q  # q: unused
+    # with splits stage 1 stores only partials (the merge allocates the output): q stands in for its unused out_ptr
+    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device) if num_splits == 1 else q
     if num_splits > 1:
         opart = torch.empty(B * T * Hq, num_splits, D, dtype=torch.float32, device=q.device)
         lse = torch.empty(B * T * Hq, num_splits, dtype=torch.float32, device=q.device)

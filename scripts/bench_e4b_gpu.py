@@ -224,6 +224,14 @@ def main() -> int:
     variants["pdl=off,prefill_graphs=off"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
     del g_ab
     kernels_common.PDL = True
+    import engine.fused_tail as fused_tail
+
+    merge = fused_tail.FUSED_ATTN_MERGE  # attention's split merge in the o projection (decode steps) flipped
+    fused_tail.FUSED_ATTN_MERGE = not merge
+    g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
+    variants[f"attn_merge={'off' if merge else 'on'}"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
+    del g_ab
+    fused_tail.FUSED_ATTN_MERGE = merge
     res["variants_tps"] = variants
     print("variants (TPS, 128 new tokens):", json.dumps({k: round(v, 1) for k, v in variants.items()}), flush=True)
 

@@ -42,6 +42,8 @@ def _switches(monkeypatch):
     monkeypatch.setattr(gv, "BATCH_INVARIANT", None)
     monkeypatch.setattr(fused_tail, "FUSED_EPILOGUES", True)
     monkeypatch.setattr(fused_tail, "FUSED_PLE", True)
+    # off here, so `_steps` gives the two-launch attention; on in the test of the merge in the o projection
+    monkeypatch.setattr(fused_tail, "FUSED_ATTN_MERGE", False)
 
 
 # ---- dispatch -----------------------------------------------------------------------------------
@@ -206,11 +208,12 @@ def test_fused_mlp_decode_step_matches_unfused_and_reference(alias, split_everyw
     _assert_fused_step(model, want, unfused, one, wide)
 
 
-@pytest.mark.parametrize("alias", ["tiny-gemma4", "tiny-gemma3"])
-def test_attention_merge_in_o_proj_decode_step_bitwise(alias, monkeypatch):
+@pytest.mark.parametrize("alias,max_rows", [("tiny-gemma4", 1), ("tiny-gemma4", 16), ("tiny-gemma3", 16)])
+def test_attention_merge_in_o_proj_decode_step_bitwise(alias, max_rows, monkeypatch):
     """FUSED_ATTN_MERGE on, with decode attention forced to split its caches into 16-slot pieces: every
-    layer's o projection runs `kernels.gemv_merged_input.merged_sandwich_triton` on the unmerged splits (no
-    stage 2 launch), and the steps are bit for bit those with the switch off; verify row 0 equals decode."""
+    layer's o projection in a step of at most `max_rows` rows runs `kernels.gemv_merged_input.merged_sandwich_triton`
+    on the unmerged splits (no stage 2 launch), and the steps are bit for bit those with the switch off; verify
+    row 0 equals decode (with max_rows 1, the default, decode merges in the o projection and verify in stage 2)."""
     import kernels.decode_attention as da
     import kernels.gemv_merged_input as gm
 
@@ -225,12 +228,13 @@ def test_attention_merge_in_o_proj_decode_step_bitwise(alias, monkeypatch):
 
     monkeypatch.setattr(gm, "merged_sandwich_triton", counted)
     monkeypatch.setattr(fused_tail, "FUSED_ATTN_MERGE", True)
+    monkeypatch.setattr(fused_tail, "ATTN_MERGE_MAX_ROWS", max_rows)
     _, _, step, fresh_cache = _testutil.tiny_decode_setup(alias, (1, 2))
     with torch.no_grad():
         cache = fresh_cache()
         wide_m = step(9, cache)[:, :1].clone()
         one_m = step(1, cache)
     L = arch.num_layers
-    assert len(merged) == 2 * L and min(merged) > 1  # every layer, verify and decode, took the deferred merge
+    assert len(merged) == (2 if max_rows >= 9 else 1) * L and min(merged) > 1  # every layer took the deferred merge
     assert torch.equal(one_m, one) and torch.equal(wide_m, wide)
     _assert_fused_step(model, want, unfused, one_m, wide_m)
