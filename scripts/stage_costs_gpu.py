@@ -11,6 +11,7 @@ variant sets its switches, builds its own Generator and captures its graphs, the
 to their defaults; the graphs keep what they were captured with. Rounds rotate the variant order; medians.
 
 Usage: python scripts/stage_costs_gpu.py [--rounds 3] [--iters 100] [--only default,rep_attn,...]
+       python scripts/stage_costs_gpu.py --pick-from run.txt   # env of the fastest bit-exact variant in a run's output
 Prints a table and ends with one JSON line.
 """
 from __future__ import annotations
@@ -41,11 +42,9 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     out["attn_st1"] = {(da, "ATTN_STAGES"): 1}
     out["pdl_early"] = {("kernels._common", "PDL_EARLY_SHORT"): True}  # short kernels trigger before their wait
     out["pdl_early_ple2"] = {**out["pdl_early"], **out["ple_2launch"]}
-    ft = "engine.fused_tail"  # attention's split merge inside the o projection (bitwise the two-launch path)
-    out["attn_merge"] = {(ft, "FUSED_ATTN_MERGE"): True}
-    out["attn_merge_b1"] = {(ft, "FUSED_ATTN_MERGE"): True, (ft, "ATTN_MERGE_MAX_ROWS"): 1}  # decode only
-    out["merge_ple2"] = {**out["attn_merge"], **out["ple_2launch"]}
-    out["early_merge_ple2"] = {**out["pdl_early"], **out["merge_ple2"]}
+    ft = "engine.fused_tail"  # attention's split merge inside the o projection (on for 1-row steps; bitwise)
+    out["attn_merge_off"] = {(ft, "FUSED_ATTN_MERGE"): False}
+    out["attn_merge_all"] = {(ft, "ATTN_MERGE_MAX_ROWS"): 16}  # verify steps too
     gv = "kernels.gemv"  # GEMV tiles: the order of each row's K sums is unchanged, so results stay bitwise
     out["gemv_n64"] = {(gv, "TILE_OVERRIDES"): {"BLOCK_N": 64}}
     out["gemv_st3"] = {(gv, "TILE_OVERRIDES"): {"num_stages": 3}}
@@ -55,8 +54,8 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     # deeper prefetch may pay where it did not before (bitwise neutral: same K order)
     out["gemv_pf4"] = {(gv, "PREFETCH_TILES"): 4}
     out["pdl_early_pf4"] = {**out["pdl_early"], **out["gemv_pf4"]}
-    first = ("default", "pdl_early", "ple_2launch", "attn_merge", "merge_ple2", "early_merge_ple2", "pdl_early_ple2",
-             "attn_merge_b1", "pdl_early_pf4", "gemv_pf4")
+    first = ("default", "attn_merge_off", "pdl_early", "ple_2launch", "pdl_early_ple2", "attn_merge_all",
+             "pdl_early_pf4", "gemv_pf4")
     return {n: out[n] for n in first} | {n: v for n, v in out.items() if n not in first}
 
 
