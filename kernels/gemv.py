@@ -133,6 +133,42 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _walk_after_two(acc, w, w2, w_rows, x_ptr, offs_m, m_ok, k_start, k_end, sxm, sxk, swk,
+                        BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
+                        PREFETCH: tl.constexpr, W_EVICT: tl.constexpr):
+        """The rest of `_gemv_acc`'s K walk for kernels that compute x themselves after the PDL wait
+        (`kernels.gemv_gated_input`, `kernels.gemv_merged_input`): the PREFETCH (1 or 2) tiles w, w2 requested
+        before it, then every later tile, summed in K order (w2 is ignored when PREFETCH == 1)."""
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        acc = _acc_tile(acc, w, x_ptr, offs_m, m_ok, offs_k, k_end, sxm, sxk, USE_DOT, DOT_FP32)
+        if PREFETCH >= 2:
+            acc = _acc_tile(acc, w2, x_ptr, offs_m, m_ok, offs_k + BLOCK_K, k_end, sxm, sxk, USE_DOT, DOT_FP32)
+        for k0 in range(k_start + PREFETCH * BLOCK_K, k_end, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            wk = _w_tile(w_rows, ks, k_end, swk, EVEN_K, W_EVICT)
+            acc = _acc_tile(acc, wk, x_ptr, offs_m, m_ok, ks, k_end, sxm, sxk, USE_DOT, DOT_FP32)
+        return acc
+
+    @triton.jit
+    def _store_acc(acc, y_ptr, part_ptr, pid_k, M, N, offs_m, m_ok, offs_n, n_ok, sym, syn,
+                   SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr):
+        """A program's sums, [BLOCK_M, BLOCK_N] (USE_DOT) or [BLOCK_N] (M == 1): y in its dtype when K is not
+        split, else fp32 partials into the scratch [SPLIT_K, M, N] at split pid_k."""
+        if USE_DOT:
+            out = acc
+            rows = offs_m[:, None]
+            mask = m_ok[:, None] & n_ok[None, :]
+        else:
+            out = acc[None, :]
+            rows = tl.zeros([1, 1], tl.int32)
+            mask = n_ok[None, :]
+        cols = offs_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptr + rows * sym + cols * syn, out.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(part_ptr + (pid_k * M + rows).to(tl.int64) * N + cols, out, mask=mask)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, sxm, sxk, swn, swk, sym, syn, k_per_split,
                      pf_a0, pf_n0, pf_a1, pf_n1, pf_a2, pf_n2, pf_a3, pf_n3,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -156,20 +192,7 @@ if HAS_TRITON:
                         BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_FP32, EVEN_K, PDL, PREFETCH, W_EVICT)
         if PF_AT_END:
             prefetch_segments(pf_a0, pf_n0, pf_a1, pf_n1, pf_a2, pf_n2, pf_a3, pf_n3, PF_SEGS)
-        if USE_DOT:
-            out = acc
-            rows = offs_m[:, None]
-            mask = m_ok[:, None] & n_ok[None, :]
-            cols = offs_n[None, :]
-        else:
-            out = acc[None, :]
-            rows = tl.zeros([1, 1], tl.int32)
-            mask = n_ok[None, :]
-            cols = offs_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(y_ptr + rows * sym + cols * syn, out.to(y_ptr.dtype.element_ty), mask=mask)
-        else:  # scratch [SPLIT_K, M, N] fp32
-            tl.store(part_ptr + (pid_k * M + rows).to(tl.int64) * N + cols, out, mask=mask)
+        _store_acc(acc, y_ptr, part_ptr, pid_k, M, N, offs_m, m_ok, offs_n, n_ok, sym, syn, SPLIT_K, USE_DOT)
 
     @triton.jit
     def _splitk_reduce_kernel(part_ptr, y_ptr, M, N, sym, syn,

@@ -49,7 +49,7 @@ def fusable_shapes(x: torch.Tensor, wg: torch.Tensor, wp: torch.Tensor) -> bool:
 
 if HAS_TRITON:
     from ._common import pdl_wait
-    from .gemv import _acc_tile, _w_tile
+    from .gemv import _store_acc, _w_tile, _walk_after_two
     from .gemv_epilogue import _gelu_tanh
 
     @triton.jit
@@ -94,27 +94,15 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_N], tl.float32)
         offs_k = tl.arange(0, BLOCK_K)
         w = _w_tile(w_rows, offs_k, P, swk, EVEN_K, W_EVICT)
+        w2 = w  # unused unless PREFETCH == 2
         if PREFETCH >= 2:
             w2 = _w_tile(w_rows, offs_k + BLOCK_K, P, swk, False, W_EVICT)
         pdl_wait(PDL)
         _gated_rows(part_ptr, o_ptr, g_ptr, M, P, som, son, SPLIT, X_DTYPE, G_BLOCK)
         tl.debug_barrier()
-        acc = _acc_tile(acc, w, g_ptr, offs_m, m_ok, offs_k, P, P, 1, USE_DOT, DOT_FP32)
-        if PREFETCH >= 2:
-            acc = _acc_tile(acc, w2, g_ptr, offs_m, m_ok, offs_k + BLOCK_K, P, P, 1, USE_DOT, DOT_FP32)
-        for k0 in range(PREFETCH * BLOCK_K, P, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            w = _w_tile(w_rows, ks, P, swk, EVEN_K, W_EVICT)
-            acc = _acc_tile(acc, w, g_ptr, offs_m, m_ok, ks, P, P, 1, USE_DOT, DOT_FP32)
-        if USE_DOT:
-            out = acc
-            rows = offs_m[:, None]
-            mask = m_ok[:, None] & n_ok[None, :]
-        else:
-            out = acc[None, :]
-            rows = tl.zeros([1, 1], tl.int32)
-            mask = n_ok[None, :]
-        tl.store(y_ptr + rows * sym + offs_n[None, :] * syn, out.to(y_ptr.dtype.element_ty), mask=mask)
+        acc = _walk_after_two(acc, w, w2, w_rows, g_ptr, offs_m, m_ok, 0, P, P, 1, swk, BLOCK_K, USE_DOT, DOT_FP32,
+                              EVEN_K, PREFETCH, W_EVICT)
+        _store_acc(acc, y_ptr, y_ptr, 0, M, N, offs_m, m_ok, offs_n, n_ok, sym, syn, 1, USE_DOT)
 
 
 def gelu_gate_linear_triton(x: torch.Tensor, wg: torch.Tensor, other: torch.Tensor, wp: torch.Tensor,

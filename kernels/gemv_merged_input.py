@@ -34,7 +34,7 @@ def merged_linear_ref(split: SplitAttention, w: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
     from ._common import pdl_wait
     from .decode_attention import merge_splits
-    from .gemv import _acc_tile, _w_tile
+    from .gemv import _store_acc, _w_tile, _walk_after_two
 
     @triton.jit
     def _gemv_merge_in_kernel(opart_ptr, lse_ptr, x_ptr, w_ptr, y_ptr, part_ptr, M, N, K, HQ, NUM_SPLITS,
@@ -62,6 +62,7 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_N], tl.float32)
         offs_k = k_start + tl.arange(0, BLOCK_K)
         w = _w_tile(w_rows, offs_k, k_end, swk, EVEN_K, W_EVICT)
+        w2 = w  # unused unless PREFETCH == 2
         if PREFETCH >= 2:
             w2 = _w_tile(w_rows, offs_k + BLOCK_K, k_end, swk, False, W_EVICT)
         pdl_wait(PDL)
@@ -76,26 +77,9 @@ if HAS_TRITON:
             o = merge_splits(opart_ptr, lse_ptr, row, k % D, ok, NUM_SPLITS, D, BLOCK_S)
             tl.store(x_ptr + m.to(tl.int64) * K + k, o.to(x_ptr.dtype.element_ty), mask=ok)
         tl.debug_barrier()
-        acc = _acc_tile(acc, w, x_ptr, offs_m, m_ok, offs_k, k_end, K, 1, USE_DOT, DOT_FP32)
-        if PREFETCH >= 2:
-            acc = _acc_tile(acc, w2, x_ptr, offs_m, m_ok, offs_k + BLOCK_K, k_end, K, 1, USE_DOT, DOT_FP32)
-        for k0 in range(k_start + PREFETCH * BLOCK_K, k_end, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            w = _w_tile(w_rows, ks, k_end, swk, EVEN_K, W_EVICT)
-            acc = _acc_tile(acc, w, x_ptr, offs_m, m_ok, ks, k_end, K, 1, USE_DOT, DOT_FP32)
-        if USE_DOT:
-            out = acc
-            rows = offs_m[:, None]
-            mask = m_ok[:, None] & n_ok[None, :]
-        else:
-            out = acc[None, :]
-            rows = tl.zeros([1, 1], tl.int32)
-            mask = n_ok[None, :]
-        cols = offs_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(y_ptr + rows * sym + cols * syn, out.to(y_ptr.dtype.element_ty), mask=mask)
-        else:  # scratch [SPLIT_K, M, N] fp32
-            tl.store(part_ptr + (pid_k * M + rows).to(tl.int64) * N + cols, out, mask=mask)
+        acc = _walk_after_two(acc, w, w2, w_rows, x_ptr, offs_m, m_ok, k_start, k_end, K, 1, swk, BLOCK_K,
+                              USE_DOT, DOT_FP32, EVEN_K, PREFETCH, W_EVICT)
+        _store_acc(acc, y_ptr, part_ptr, pid_k, M, N, offs_m, m_ok, offs_n, n_ok, sym, syn, SPLIT_K, USE_DOT)
 
 
 def merged_linear_launch(split: SplitAttention, w: torch.Tensor, split_k: int | None = None
