@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import invariance
+from . import invariance, l2_prefetch
 from ._common import HAS_TRITON, cdiv, dot_fp32_operands, next_pow2, num_sms, pdl_flags, tl, triton, use_triton
 
 LOG2E = 1.4426950408889634
@@ -44,6 +44,13 @@ _BLOCK_N_ENV = os.environ.get("VKAE_ATTN_BLOCK_N", "0")
 ATTN_BLOCK_N = int(_BLOCK_N_ENV) if _BLOCK_N_ENV.isdigit() else -1
 if ATTN_BLOCK_N != 0 and (ATTN_BLOCK_N < 16 or ATTN_BLOCK_N & (ATTN_BLOCK_N - 1)):  # tl.dot and tl.arange need it
     raise ValueError(f"VKAE_ATTN_BLOCK_N must be 0 (the heuristic) or a power of two >= 16; got {_BLOCK_N_ENV!r}")
+# Ask the L2 for each split's K/V (and slot positions) before the PDL wait (env VKAE_ATTN_L2_PREFETCH=1; sm_90
+# bulk prefetch, fire and forget). The cache is not read by the kernel before the wait, only named to the L2,
+# so the q/k/v epilogue that writes this step's slots meanwhile cannot make anything stale: the L2 holds the
+# one copy of a line, and the writes land in it. After the wait the loads find their lines in the L2 instead of
+# paying an HBM round trip on the step's critical path. Linear caches are prefetched only up to the newest
+# query position (their slots past it are empty). Read at launch.
+L2_PREFETCH: bool = os.environ.get("VKAE_ATTN_L2_PREFETCH", "0") == "1"
 # Row block of the row-invariant mode: the block a 1-token decode step picks anyway when G <= 16
 # (Gemma: G = 2..8), so decode keeps its config and a verify step just runs more row blocks.
 INVARIANT_BLOCK_M = 16
@@ -89,6 +96,24 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
     from ._common import pdl_wait
+    from .l2_prefetch import _prefetch_span
+
+    @triton.jit
+    def _prefetch_split(k_row, v_row, slot_row, qpos_base, spt, start, S, split_len, T, ROW_BYTES: tl.constexpr,
+                        FULL_SPLIT: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Bulk L2 prefetch of a split's K and V rows and slot positions; k_row / v_row / slot_row point at the
+        split's first slot (K/V rows contiguous, ROW_BYTES each). A linear cache (not FULL_SPLIT) stops at the
+        newest query position, read from q_pos: a value another kernel is still writing could only misdirect
+        a prefetch, never change a result."""
+        end = tl.minimum(start + split_len, S)
+        if not FULL_SPLIT:
+            offs_t = tl.arange(0, BLOCK_T)
+            qp = tl.load(qpos_base + offs_t * spt, mask=offs_t < T, other=-1)
+            end = tl.minimum(end, tl.max(qp, axis=0) + 1)
+        n = tl.maximum(end - start, 0)
+        _prefetch_span(k_row.to(tl.int64), n * ROW_BYTES, 0, 1, 4)
+        _prefetch_span(v_row.to(tl.int64), n * ROW_BYTES, 0, 1, 4)
+        _prefetch_span(slot_row.to(tl.int64), n * 4 // 16 * 16, 0, 1, 1)  # the bulk prefetch takes 16-byte multiples
 
     @triton.jit
     def _attn_stage1(q_ptr, k_ptr, v_ptr, slot_ptr, qpos_ptr, out_ptr, opart_ptr, lse_ptr,
@@ -98,13 +123,18 @@ if HAS_TRITON:
                      G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, EAGER_KV: tl.constexpr,
-                     PDL: tl.constexpr):
-        pdl_wait(PDL)
+                     L2_PF: tl.constexpr, ROW_BYTES: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_s = tl.program_id(2)
         b = (pid_bh // HKV).to(tl.int64)  # int64: B*Hkv*S*D exceeds 2^31 at 64 x 131072 x 512
         kvh = pid_bh % HKV
+        if L2_PF:  # before the wait: only addresses, nothing read (see L2_PREFETCH)
+            first = pid_s * split_len
+            _prefetch_split(k_ptr + b * skb + kvh * skh + first * sks, v_ptr + b * svb + kvh * svh + first * svs,
+                            slot_ptr + b * ssb + first * sss, qpos_ptr + b * spb, spt, first, S, split_len, T,
+                            ROW_BYTES, EAGER_KV, BLOCK_T)
+        pdl_wait(PDL)
 
         # Rows of this program: r = t*G + g for the G query heads of this kv head.
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -326,6 +356,9 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     else:
         opart = lse = out  # unused by the kernel when NUM_SPLITS == 1
     qk_scale = scale if softcap is not None else scale * LOG2E
+    # the prefetch names whole rows: only for caches whose slots are contiguous rows of D elements
+    l2_pf = (L2_PREFETCH and l2_prefetch.supported(q) and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+             and k_cache.stride(2) == D and v_cache.stride(2) == D and slot_pos.stride(1) == 1)
     _attn_stage1[(B * Hkv, m_blocks, num_splits)](
         q, k_cache, v_cache, slot_pos, q_pos, out, opart, lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *slot_pos.stride(), *q_pos.stride(),
@@ -333,6 +366,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         S, T, Hq, Hkv, int(window), split_len, float(qk_scale), float(softcap or 1.0),
         G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_SOFTCAP=softcap is not None, DOT_FP32=dot_fp32_operands(q.dtype), EAGER_KV=bool(finite_cache),
+        L2_PF=l2_pf, ROW_BYTES=D * k_cache.element_size(), BLOCK_T=max(2, next_pow2(T)),
         num_warps=num_warps, num_stages=num_stages or ATTN_STAGES, **pdl_flags(q, short=True),
     )
     if num_splits == 1:

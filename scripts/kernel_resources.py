@@ -176,7 +176,8 @@ def _small_cases() -> list[tuple]:
         cases.append((f"_attn_stage1 D {D} S {S} splits {splits}", da._attn_stage1, ints, ptrs,
                       ("qk_scale", "softcap"),
                       dict(G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n_a, NUM_SPLITS=splits, HAS_SOFTCAP=False,
-                           DOT_FP32=False, EAGER_KV=D == 256, PDL=True), warps_a, da.ATTN_STAGES))
+                           DOT_FP32=False, EAGER_KV=D == 256, L2_PF=False, ROW_BYTES=2 * D, BLOCK_T=2, PDL=True),
+                      warps_a, da.ATTN_STAGES))
         cases.append((f"_attn_stage2 D {D} splits {splits}", da._attn_stage2, dict(NUM_SPLITS=splits),
                       {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": bf}, (),
                       dict(D=D, BLOCK_S=da.stage2_block(splits), PDL=True), 4 if D >= 256 else 2, 3))

@@ -40,6 +40,7 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     out["attn_bn64"] = {(da, "ATTN_BLOCK_N"): 64, (da, "MIN_SPLIT_SLOTS"): 64}
     out["attn_bn32_st1"] = {(da, "ATTN_BLOCK_N"): 32, (da, "MIN_SPLIT_SLOTS"): 32, (da, "ATTN_STAGES"): 1}
     out["attn_st1"] = {(da, "ATTN_STAGES"): 1}
+    out["attn_l2pf"] = {(da, "L2_PREFETCH"): True}  # each split's K/V asked of the L2 before the PDL wait
     out["pdl_early"] = {("kernels._common", "PDL_EARLY_SHORT"): True}  # short kernels trigger before their wait
     out["pdl_early_ple2"] = {**out["pdl_early"], **out["ple_2launch"]}
     ft = "engine.fused_tail"  # attention's split merge inside the o projection (on for 1-row steps; bitwise)
@@ -50,6 +51,8 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     out["gemv_st3"] = {(gv, "TILE_OVERRIDES"): {"num_stages": 3}}
     out["gemv_st6"] = {(gv, "TILE_OVERRIDES"): {"num_stages": 6}}
     out["gemv_split4"] = {(gv, "SPLIT_BELOW_WAVES"): 4.0}  # more K splits: changes the sums' order
+    out["gemv_split3"] = {(gv, "SPLIT_BELOW_WAVES"): 3.0}
+    out["gemv_split6"] = {(gv, "SPLIT_BELOW_WAVES"): 6.0}
     # weight tiles requested before the PDL wait (default 2): with the early trigger a GEMV waits longer, so a
     # deeper prefetch may pay where it did not before (bitwise neutral: same K order)
     out["gemv_pf4"] = {(gv, "PREFETCH_TILES"): 4}
@@ -65,7 +68,8 @@ ENV_OF = {("kernels._common", "PDL_EARLY_SHORT"): "VKAE_PDL_EARLY", ("engine.fus
           ("kernels.gemv", "PREFETCH_TILES"): "VKAE_GEMV_PREFETCH_TILES",
           ("kernels.decode_attention", "ATTN_BLOCK_N"): "VKAE_ATTN_BLOCK_N",
           ("kernels.decode_attention", "MIN_SPLIT_SLOTS"): "VKAE_ATTN_MIN_SPLIT_SLOTS",
-          ("kernels.decode_attention", "ATTN_STAGES"): "VKAE_ATTN_STAGES"}
+          ("kernels.decode_attention", "ATTN_STAGES"): "VKAE_ATTN_STAGES",
+          ("kernels.decode_attention", "L2_PREFETCH"): "VKAE_ATTN_L2_PREFETCH"}
 
 
 def pick_env(result: dict, min_speedup: float = 1.005) -> str:

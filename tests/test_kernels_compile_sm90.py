@@ -38,7 +38,7 @@ def _compile_all() -> int:
 
     target = GPUTarget("cuda", 90, 32)
 
-    def build(fn, sig: dict[str, str], consts: dict, warps: int = 4) -> None:
+    def build(fn, sig: dict[str, str], consts: dict, warps: int = 4, bulk_prefetches: int | None = None) -> None:
         src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
         kernel = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": 4})
         assert kernel.asm.get("cubin"), fn.__name__
@@ -49,7 +49,8 @@ def _compile_all() -> int:
             trigger, wait = ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait")
             assert trigger >= 0 and (trigger < wait) == (consts["PDL"] == 2), fn.__name__
         # the L2 prefetch of the next weights (kernels.l2_prefetch): one bulk prefetch per segment asked for
-        assert ptx.count("cp.async.bulk.prefetch.L2.global") == consts.get("PF_SEGS", 0), fn.__name__
+        want = consts.get("PF_SEGS", 0) if bulk_prefetches is None else bulk_prefetches
+        assert ptx.count("cp.async.bulk.prefetch.L2.global") == want, fn.__name__
         if consts.get("W_EVICT") == "evict_first":
             assert "evict_first" in ptx, fn.__name__
 
@@ -89,6 +90,16 @@ def _compile_all() -> int:
                                                         "syn", "k_per_split")}},
               dict(D=256, BLOCK_S=8, M_BLOCK=512 if bm == 1 else 1024, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                    SPLIT_K=4, USE_DOT=bm > 1, DOT_FP32=False, EVEN_K=True, PDL=True, PREFETCH=2, W_EVICT=""))
+    # decode attention stage 1, with and without the L2 prefetch of its split (K, V and slot positions: 3 spans)
+    ints = ("sqb", "sqt", "sqh", "sqd", "skb", "skh", "sks", "skd", "svb", "svh", "svs", "svd", "ssb", "sss",
+            "spb", "spt", "sob", "sot", "soh", "sod", "S", "T", "HQ", "HKV", "window", "split_len")
+    for l2_pf, eager in ((False, True), (True, True), (True, False)):
+        build(da._attn_stage1,
+              {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i32", "qpos_ptr": "*i32",
+               "out_ptr": "*bf16", "opart_ptr": "*fp32", "lse_ptr": "*fp32", **{k: i32 for k in ints},
+               "qk_scale": "fp32", "softcap": "fp32"},
+              dict(G=4, D=256, BLOCK_M=16, BLOCK_N=128, NUM_SPLITS=5, HAS_SOFTCAP=False, DOT_FP32=False,
+                   EAGER_KV=eager, L2_PF=l2_pf, ROW_BYTES=512, BLOCK_T=2, PDL=True), bulk_prefetches=3 if l2_pf else 0)
     build(da._attn_stage2, {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "NUM_SPLITS": i32},
           dict(D=512, BLOCK_S=32, PDL=2))
     for geglu in (True, False):
