@@ -211,14 +211,17 @@ if HAS_TRITON:
 def gemv_config(M: int, N: int, K: int, elem_bytes: int, sms: int) -> dict[str, int]:
     """Block sizes and split-K for one call (a heuristic, not autotuning: autotune cannot run
     under the interpreter and would make CUDA-graph capture depend on a first timed call).
-    Narrow BLOCK_N (many programs, long contiguous K runs per row) won an H100 sweep
-    (`scripts/bench_kernels.py --sweep`, bf16, CUDA-graphed, cold L2): within ~3% of the best
-    config at every E4B shape, e.g. gate_up M=1 43 us (2.4 TB/s), lm_head 447 us (3.0 TB/s)."""
+    Timed alone (`scripts/bench_kernels.py --sweep`, bf16, CUDA-graphed, cold L2) narrow tiles of 32
+    rows won; inside the graphed PDL step 64 rows are faster (see the comment below), so the step's
+    timing decides."""
     invariant = batch_invariant()
     if M == 1 and not invariant:
         block_m, block_n, block_k = 1, 16, 256 if elem_bytes <= 2 else 128
     else:
-        block_m, block_n, block_k = (16 if invariant else max(16, next_pow2(M))), 32, \
+        # BLOCK_N 64, not the 32 that won the standalone sweep: inside the graphed step (PDL) it was faster,
+        # H100 E4B decode 4.533 -> 4.385 ms, verify (9) 4.848 -> 4.651 ms (`scripts/stage_costs_gpu.py`, stop 20;
+        # 128 was slower, 4.823 ms). Fewer programs also change the split-K choice (down: 4 -> 7 splits).
+        block_m, block_n, block_k = (16 if invariant else max(16, next_pow2(M))), 64, \
             128 if elem_bytes <= 2 else 64
     tiles = dict(BLOCK_N=block_n, num_warps=4, num_stages=4)
     unknown = set(TILE_OVERRIDES) - set(tiles)

@@ -33,7 +33,12 @@ def test_gemv_streams_weights_with_16_byte_async_copies():
     assert r["global_loads"].get("LDGSTS.E.BYPASS.128", 0) >= 8, r
     assert not any(k.startswith("LDG") and k.endswith(("U16", "U8")) for k in r["global_loads"]), r
     assert r["spill_stores"] == r["spill_loads"] == 0
-    assert r["programs_per_sm"] >= 4, r  # o_proj / down grids (320 programs) fit in one wave on 132 SMs
+    # the down grid fits in one wave on an H100's 132 SMs
+    import kernels.gemv as gv
+
+    cfg = gv.gemv_config(1, 2560, 10240, 2, 132)
+    programs = -(-2560 // cfg["BLOCK_N"]) * cfg["SPLIT_K"]
+    assert programs <= r["programs_per_sm"] * 132, (programs, r)
 
 
 def test_norm_kernel_loads_are_vectorised():
