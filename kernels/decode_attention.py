@@ -49,7 +49,9 @@ if ATTN_BLOCK_N != 0 and (ATTN_BLOCK_N < 16 or ATTN_BLOCK_N & (ATTN_BLOCK_N - 1)
 # so the q/k/v epilogue that writes this step's slots meanwhile cannot make anything stale: the L2 holds the
 # one copy of a line, and the writes land in it. After the wait the loads find their lines in the L2 instead of
 # paying an HBM round trip on the step's critical path. Linear caches are prefetched only up to the newest
-# query position (their slots past it are empty). Read at launch.
+# query position (their slots past it are empty). Measured slower, so off: H100, E4B graphed decode 4.533 ->
+# 4.590 ms, verify (9) 4.848 -> 4.931 ms, same bits (`scripts/stage_costs_gpu.py` variant attn_l2pf, stop 20).
+# Read at launch.
 L2_PREFETCH: bool = os.environ.get("VKAE_ATTN_L2_PREFETCH", "0") == "1"
 # Row block of the row-invariant mode: the block a 1-token decode step picks anyway when G <= 16
 # (Gemma: G = 2..8), so decode keeps its config and a verify step just runs more row blocks.

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import os
 import statistics
@@ -97,11 +96,13 @@ def eager_stage_labels(gen, tokens, positions) -> list[tuple[str, str]]:
 
 def replay_chains(gen, tokens, positions, replays: int) -> list[list[dict]]:
     """The kernels of each of `replays` graph replays (grouped by the replay's correlation id), in start order."""
+    import torch
+
     def run():
         for _ in range(replays):
             gen.step(tokens, positions)
 
-    with torch_inference():
+    with torch.inference_mode():
         run()  # warm
         trace = _trace(run)
     groups: dict[int, list[dict]] = collections.defaultdict(list)
@@ -110,14 +111,6 @@ def replay_chains(gen, tokens, positions, replays: int) -> list[list[dict]]:
     # a replay is the biggest group per launch; the input copies before it are their own small groups
     size = max(len(g) for g in groups.values())
     return [g for g in groups.values() if len(g) == size]
-
-
-@contextlib.contextmanager
-def torch_inference():
-    import torch
-
-    with torch.inference_mode():
-        yield
 
 
 def marginals(chain: list[dict]) -> list[float]:
@@ -172,6 +165,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--replays", type=int, default=20)
     args = ap.parse_args()
+    if args.replays < 1:
+        ap.error(f"--replays must be at least 1, got {args.replays}")
     import torch
 
     from ab_trees_gpu import time_steps, warm_steps

@@ -35,9 +35,10 @@ def test_gemv_streams_weights_with_16_byte_async_copies():
     assert r["spill_stores"] == r["spill_loads"] == 0
     # the down grid fits in one wave on an H100's 132 SMs
     import kernels.gemv as gv
+    from kernels._common import cdiv
 
     cfg = gv.gemv_config(1, 2560, 10240, 2, 132)
-    programs = -(-2560 // cfg["BLOCK_N"]) * cfg["SPLIT_K"]
+    programs = cdiv(2560, cfg["BLOCK_N"]) * cfg["SPLIT_K"]
     assert programs <= r["programs_per_sm"] * 132, (programs, r)
 
 
