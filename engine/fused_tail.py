@@ -45,13 +45,14 @@ FUSED_MLP: bool = os.environ.get("VKAE_FUSED_MLP", "0") != "0"
 FUSED_PLE: bool = os.environ.get("VKAE_FUSED_PLE", "0") != "0"
 # Decode attention's split merge (stage 2) done inside the o projection's GEMV (`kernels.gemv_merged_input`):
 # 1 launch fewer per layer where the keys split into at most ATTN_MERGE_MAX_SPLITS pieces (E4B's sliding
-# layers: 5) and the step has at most ATTN_MERGE_MAX_ROWS rows: each GEMV program re-reads its heads' partials
+# layers: 9) and the step has at most ATTN_MERGE_MAX_ROWS rows: each GEMV program re-reads its heads' partials
 # from L2 for every row, which a 9-row verify step pays for. Bitwise the two-launch path. H100, graphed E4B
 # step (`scripts/stage_costs_gpu.py`, stop 19): decode 4.519 -> 4.469 ms (1.011x, 4 rounds, every round
 # faster); merging at verify widths too made the 9-row verify 0.956x, hence 1 row. Needs FUSED_EPILOGUES too;
 # env VKAE_FUSED_ATTN_MERGE=0 turns it off. Read at call time.
 FUSED_ATTN_MERGE: bool = os.environ.get("VKAE_FUSED_ATTN_MERGE", "1") != "0"
-ATTN_MERGE_MAX_SPLITS = 8
+# 16: E4B's sliding layers split into 9 pieces since stop 21 (64-slot splits, `kernels.decode_attention`)
+ATTN_MERGE_MAX_SPLITS = 16
 ATTN_MERGE_MAX_ROWS = 1
 
 

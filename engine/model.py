@@ -44,6 +44,14 @@ if STAGE_REPEAT - set(STAGES):
                      f"known: {'+'.join(STAGES)}")
 
 
+# The decode/verify step's prologue (embedding, layer 0's input norm, RoPE rows, int32 positions, cache rows and
+# slots, the PLE token gather and combine) as two Triton launches around the PLE model projection GEMV
+# (`kernels.decode_prologue`) instead of ~25 small, mostly PyTorch-native kernels. Only where the step's other
+# fused kernels run (CUDA + Triton at decode widths, `fused_tail.fusable`); env VKAE_FUSED_PROLOGUE=0 turns it
+# off. Read at call time (a benchmark flips it in one process; graphs keep what they captured).
+FUSED_PROLOGUE: bool = os.environ.get("VKAE_FUSED_PROLOGUE", "1") != "0"
+
+
 def _stage(name: str, fn, *args):
     """fn(*args), run twice when `name` is in STAGE_REPEAT (the second result is returned)."""
     if name in STAGE_REPEAT:
@@ -239,10 +247,25 @@ class GemmaDecoder(nn.Module):
                               a.attn_scale, a.attn_softcap))
         return torch.cat(out, dim=2)
 
-    def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                     window: int | None) -> torch.Tensor:
-        """tokens/positions [B, T] for all B cache rows (position -1: inactive row) -> hidden [B, T, H].
-        No host synchronisation: safe to capture in a CUDA graph."""
+    def _prologue_fusable(self, tokens: torch.Tensor, geometries: int) -> bool:
+        """The fused prologue runs where the step's projections fuse: the rule of `fused_tail.fusable` for the
+        step's first GEMV (the PLE model projection, else layer 0's q/k/v) on hidden rows shaped like the step's."""
+        if not FUSED_PROLOGUE:
+            return False
+        probe = self.embed[:1].expand(tokens.numel(), -1)  # a view: [B * T, H] hidden rows, no kernel
+        first = self.ple_model_proj.weight if self.arch.ple_dim else self.layers[0].qkv.weight
+        if not fused_tail.fusable(probe, first):  # first: it imports triton only where the step fuses
+            return False
+        from kernels.decode_prologue import supports  # lazily: the engine must not import triton early
+
+        return supports(self.arch.hidden_size, len(self.rope), geometries)
+
+    def _step_prologue(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache):
+        """Everything forward_step computes before layer 0: (rope {type: (cos, sin)}, h, per-layer inputs,
+        layer 0's normed input x, cache rows, int32 positions, physical slots {(ring, slots): [B, T]})."""
+        geometries = list(dict.fromkeys((lc.ring, lc.slots) for lc in cache.layers.values()))
+        if self._prologue_fusable(tokens, len(geometries)):
+            return self._fused_prologue(tokens, positions, geometries)
         rope = {t: tab.lookup(positions) for t, tab in self.rope.items()}
         h, per_layer = self._embed(tokens)
         B, T = tokens.shape
@@ -256,6 +279,34 @@ class GemmaDecoder(nn.Module):
                 slots[(lc.ring, lc.slots)] = lc.slot_of(positions)
         eps, plus_one = self._eps()
         x = ops.norm(h, self.layers[0].norms["input_layernorm"], eps, plus_one)
+        return rope, h, per_layer, x, rows, pos32, slots
+
+    def _fused_prologue(self, tokens: torch.Tensor, positions: torch.Tensor, geometries: list[tuple[bool, int]]):
+        """`_step_prologue` in three launches: the prologue kernel, the PLE model projection GEMV, the PLE
+        gather + combine kernel (`kernels.decode_prologue`). The caller has sized the RoPE tables."""
+        from kernels.decode_prologue import decode_prologue_triton, ple_combine_gather_triton
+
+        a, (eps, plus_one) = self.arch, self._eps()
+        types = list(self.rope)
+        pro = decode_prologue_triton(tokens, positions, self.embed, self.embed_scale,
+                                     self.layers[0].norms["input_layernorm"], eps, plus_one,
+                                     [(self.rope[t].cos, self.rope[t].sin) for t in types], geometries)
+        per_layer = None
+        if a.ple_dim:
+            # the prologue kernel read the token ids after its PDL wait and the GEMV waits on it: settled
+            per_layer = ple_combine_gather_triton(self.ple_model_proj(pro.h), tokens, self.ple_embed,
+                                                  self.ple_proj_norm, a.hidden_size ** -0.5, self.ple_embed_scale,
+                                                  a.rms_norm_eps, tokens_settled=True)
+        return (dict(zip(types, pro.rope)), pro.h, per_layer, pro.x, pro.rows, pro.pos32,
+                dict(zip(geometries, pro.slots)))
+
+    def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                     window: int | None) -> torch.Tensor:
+        """tokens/positions [B, T] for all B cache rows (position -1: inactive row) -> hidden [B, T, H].
+        No host synchronisation: safe to capture in a CUDA graph."""
+        B, T = tokens.shape
+        eps, plus_one = self._eps()
+        rope, h, per_layer, x, rows, pos32, slots = self._step_prologue(tokens, positions, cache)
         for layer in self.layers:
             cos, sin = rope[layer.layer_type]
             lc = cache.layers[layer.source]

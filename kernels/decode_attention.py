@@ -31,12 +31,15 @@ from . import invariance, l2_prefetch
 from ._common import HAS_TRITON, cdiv, dot_fp32_operands, next_pow2, num_sms, pdl_flags, tl, triton, use_triton
 
 LOG2E = 1.4426950408889634
-# Below this a split's fixed cost (stage-2 traffic, launch) outweighed the gain (stop 11, before PDL). Env
-# VKAE_ATTN_MIN_SPLIT_SLOTS; read at launch, so `scripts/ab_trees_gpu.py` can A/B it inside the step.
-MIN_SPLIT_SLOTS = int(os.environ.get("VKAE_ATTN_MIN_SPLIT_SLOTS", "128"))
+# The shortest split, in slots. 64, with 64-slot tiles and 8 warps (`_blocks`) and the o projection merging up to
+# 16 splits (`engine.fused_tail.ATTN_MERGE_MAX_SPLITS`): H100 graphed E4B step decode 4.235 -> 4.208 ms, 9-row
+# verify 4.538 -> 4.416 ms, 3 rounds (`scripts/stage_costs_gpu.py` variant attn_bn64_w8, stop 21; was 128 / 128 /
+# 4 / 8, which stop 11 chose before PDL). Env VKAE_ATTN_MIN_SPLIT_SLOTS; read at launch (A/B runs).
+MIN_SPLIT_SLOTS = int(os.environ.get("VKAE_ATTN_MIN_SPLIT_SLOTS", "64"))
 # cp.async pipeline depth of stage 1 (env VKAE_ATTN_STAGES). At E4B a decode split is one K/V tile, so the
-# second stage has nothing to overlap, yet it doubles the shared memory (141 KB at D = 256: one program per
-# SM; `scripts/kernel_resources.py`). Read at launch.
+# second stage has nothing to overlap, yet it doubles the shared memory (141 KB at D = 256 with the stop-20 tile of
+# 128 slots: one program per SM; `scripts/kernel_resources.py`). Still, one stage was slower: H100 E4B decode step
+# +264 us (stop 21, variant attn_st1). Read at launch.
 ATTN_STAGES = int(os.environ.get("VKAE_ATTN_STAGES", "2"))
 # KV slots per tile (env VKAE_ATTN_BLOCK_N, 0 = the `_blocks` heuristic). A split is whole tiles, so
 # MIN_SPLIT_SLOTS below one tile has no effect without a smaller tile. Read at launch.
@@ -53,6 +56,10 @@ if ATTN_BLOCK_N != 0 and (ATTN_BLOCK_N < 16 or ATTN_BLOCK_N & (ATTN_BLOCK_N - 1)
 # 4.590 ms, verify (9) 4.848 -> 4.931 ms, same bits (`scripts/stage_costs_gpu.py` variant attn_l2pf, stop 20).
 # Read at launch.
 L2_PREFETCH: bool = os.environ.get("VKAE_ATTN_L2_PREFETCH", "0") == "1"
+# Warps of stage 1 (env VKAE_ATTN_NUM_WARPS, 0 = the `_blocks` heuristic). Read at launch.
+ATTN_NUM_WARPS = int(os.environ.get("VKAE_ATTN_NUM_WARPS", "0"))
+if ATTN_NUM_WARPS not in (0, 1, 2, 4, 8, 16):
+    raise ValueError(f"VKAE_ATTN_NUM_WARPS must be 0 (the heuristic) or 1, 2, 4, 8 or 16; got {ATTN_NUM_WARPS}")
 # Row block of the row-invariant mode: the block a 1-token decode step picks anyway when G <= 16
 # (Gemma: G = 2..8), so decode keeps its config and a verify step just runs more row blocks.
 INVARIANT_BLOCK_M = 16
@@ -251,14 +258,13 @@ if HAS_TRITON:
 
 def _blocks(D: int, rows: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps). Keeps the fp32 accumulator (BLOCK_M x D) near 16K elements and
-    one K or V tile (BLOCK_N x D) at 32K: D=512 -> 32 x 64, D=256 -> 64 x 128 (E4B). Decode attention
-    at short contexts is latency-bound, so a split that is one wide tile (no loop-carried softmax
-    state, one load round trip) beats two narrow ones: E4B's sliding layer (ring of 521 slots,
-    batch 1) 9.8 -> 7.9 us and its full layer (4,096 slots) 17.0 -> 16.3 us per call on an H100
-    (`scripts/profile_e4b_gpu.py --attn`)."""
+    one K or V tile (BLOCK_N x D) at most 64 slots and 32K elements: D=512 -> 32 x 64, D=256 -> 64 x 64 (E4B).
+    Decode attention at short contexts is latency-bound. Timed alone before PDL (stop 11), one 128-slot tile a
+    split beat two narrow ones (E4B's sliding layer 9.8 -> 7.9 us a call). Inside the graphed PDL step, 64-slot
+    tiles with 8 warps at D >= 256 and twice the splits were faster (see MIN_SPLIT_SLOTS)."""
     block_m = min(max(16, next_pow2(rows)), max(16, 16384 // D))
-    block_n = ATTN_BLOCK_N or max(16, min(128, 32768 // D))
-    num_warps = 4 if block_m * D <= 8192 else 8
+    block_n = ATTN_BLOCK_N or max(16, min(64, 32768 // D))
+    num_warps = ATTN_NUM_WARPS or (8 if D >= 256 or block_m * D > 8192 else 4)
     return block_m, block_n, num_warps
 
 

@@ -27,6 +27,9 @@ MAX_M = 16
 # Split K when fewer than SPLIT_BELOW_WAVES x (SM count) programs would run (module global so a
 # benchmark can A/B it; the split's reduction kernel costs ~1.3 us on an H100).
 SPLIT_BELOW_WAVES = 2.0
+# A split GEMV aims at SPLIT_TARGET_WAVES x (SM count) programs: fewer splits mean fewer fp32 partials for the
+# single-program reduction that follows (down at E4B: 7 splits at 2.0, 4 at 1.0). Module global (A/B runs).
+SPLIT_TARGET_WAVES = 2.0
 # Keys of `gemv_config`'s result to force (BLOCK_N, num_stages, num_warps), applied before split-K is chosen;
 # empty = the heuristic. Module global so `scripts/stage_costs_gpu.py` can A/B tiles inside one process.
 TILE_OVERRIDES: dict[str, int] = {}
@@ -233,7 +236,7 @@ def gemv_config(M: int, N: int, K: int, elem_bytes: int, sms: int) -> dict[str, 
     split_k = 1
     if n_progs < SPLIT_BELOW_WAVES * sms:  # too few programs to keep every SM streaming: split K
         max_split = max(1, K // (2 * block_k))  # every split walks >= 2 tiles
-        split_k = max(1, min(cdiv(2 * sms, n_progs), max_split, 64))
+        split_k = max(1, min(cdiv(int(SPLIT_TARGET_WAVES * sms), n_progs), max_split, 64))
     k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
     split_k = cdiv(K, k_per_split)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,

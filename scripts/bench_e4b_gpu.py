@@ -3,11 +3,12 @@
 In one run, so ratios are measured against references on the same machine at the same moment:
   1. device-to-device copy bandwidth (bytes read + written) -> the HBM floor for E4B decode
   2. logits of the engine vs transformers' Gemma4ForCausalLM on the same weights (512 positions)
-  3. engine decode TPS, batch 1, prompt 256, 256 new tokens, CUDA graphs
+  3. engine decode TPS, batch 1, prompt 512, 512 new tokens (contexts 512-1024, as issue #6's bar 1 asks), CUDA graphs
   4. transformers `generate` with the static (compiled) cache on the same weights and prompts
   5. decode-step time at batch 1/8/32 and verify widths 1/2/4/8, and a per-kernel profile
   6. peak memory of batch 1 at a 4K context (engine alone)
-Prints a table and ends with one JSON line.   Usage: python scripts/bench_e4b_gpu.py [--skip-hf] [--quick]
+Prints a table and ends with one JSON line.
+Usage: python scripts/bench_e4b_gpu.py [--skip-hf] [--quick] [--prompt-len 512] [--new-tokens 512]
 """
 from __future__ import annotations
 
@@ -125,13 +126,64 @@ def kernel_profile(gen: Generator, top: int = 18) -> list[dict]:
     return rows
 
 
+def ab_variants(loaded, prompts: list[list[int]], res: dict) -> None:
+    """Decode-path A/Bs (TPS, 128 new tokens) with the same weights, each switch restored after."""
+    import engine.attention as attention_mod
+    import engine.linear as linear_mod
+
+    variants = {}
+    default_policy = linear_mod.GEMV_POLICY
+    for gemv in ("off", "auto", "all"):
+        linear_mod.GEMV_POLICY = gemv
+        g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
+        variants[f"gemv={gemv}"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
+        del g_ab
+    linear_mod.GEMV_POLICY = default_policy  # the step times and the profile below use the default
+    attention_mod._TRITON_ATTENTION = False
+    g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
+    variants["attention=sdpa"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
+    del g_ab
+    attention_mod._TRITON_ATTENTION = True
+    import kernels.gemv as gemv_kernel
+
+    gemv_kernel.SPLIT_BELOW_WAVES = 1.0
+    g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
+    variants["gemv_split_below=1"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
+    del g_ab
+    gemv_kernel.SPLIT_BELOW_WAVES = 2.0
+    import kernels._common as kernels_common
+
+    kernels_common.PDL = False  # programmatic dependent launch off (graphs keep what they were captured with)
+    g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
+    variants["pdl=off"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
+    g_ab.prefill_graphs = False
+    variants["pdl=off,prefill_graphs=off"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
+    del g_ab
+    kernels_common.PDL = True
+    import engine.fused_tail as fused_tail
+
+    merge = fused_tail.FUSED_ATTN_MERGE  # attention's split merge in the o projection (decode steps) flipped
+    fused_tail.FUSED_ATTN_MERGE = not merge
+    g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
+    variants[f"attn_merge={'off' if merge else 'on'}"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
+    del g_ab
+    fused_tail.FUSED_ATTN_MERGE = merge
+    res["variants_tps"] = variants
+    print("variants (TPS, 128 new tokens):", json.dumps({k: round(v, 1) for k, v in variants.items()}), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--new-tokens", type=int, default=256)
+    # defaults: decode over contexts 512-1024, the range of issue #6's bar 1 (stops <= 20 ran prompt 256 + 256)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--memory-only", action="store_true")
+    ap.add_argument("--skip-variants", action="store_true", help="skip the decode-path A/Bs (3b): a shorter run")
     args = ap.parse_args()
+    if args.prompt_len < 1 or args.new_tokens < 1 or args.prompt_len + args.new_tokens > 4096:
+        raise SystemExit("need --prompt-len >= 1, --new-tokens >= 1 and their sum <= 4096 (the engine's max_context here)")
     if args.memory_only:
         print(json.dumps(memory_at_4k()))
         return 0
@@ -180,9 +232,11 @@ def main() -> int:
     loaded = SimpleNamespace(model=eng, arch=eng.arch)
     del want32, want_bf, got
 
-    # 3. engine TPS, batch 1, prompt 256, N new tokens
+    # 3. engine TPS, batch 1, prompt P, N new tokens
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(3, arch.vocab_size, (256,), generator=g).tolist() for _ in range(3)]
+    prompts = [torch.randint(3, arch.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(3)]
+    res.update(prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+               decode_contexts=[args.prompt_len, args.prompt_len + args.new_tokens])
     gen = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
     t0 = time.perf_counter()
     tps = measure_tps(gen, prompts, args.new_tokens, repeats=3, warmup=1)
@@ -192,48 +246,8 @@ def main() -> int:
     print(f"engine TPS {tps['tps']:.1f} (decode-only {tps['tps_decode']:.1f})", flush=True)
 
     # 3b. A/B of the decode-path choices, same process, same weights
-    import engine.attention as attention_mod
-    import engine.linear as linear_mod
-
-    variants = {}
-    default_policy = linear_mod.GEMV_POLICY
-    for gemv in ("off", "auto", "all"):
-        linear_mod.GEMV_POLICY = gemv
-        g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
-        variants[f"gemv={gemv}"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
-        del g_ab
-    linear_mod.GEMV_POLICY = default_policy  # the step times and the profile below use the default
-    attention_mod._TRITON_ATTENTION = False
-    g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
-    variants["attention=sdpa"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
-    del g_ab
-    attention_mod._TRITON_ATTENTION = True
-    import kernels.gemv as gemv_kernel
-
-    gemv_kernel.SPLIT_BELOW_WAVES = 1.0
-    g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
-    variants["gemv_split_below=1"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
-    del g_ab
-    gemv_kernel.SPLIT_BELOW_WAVES = 2.0
-    import kernels._common as kernels_common
-
-    kernels_common.PDL = False  # programmatic dependent launch off (graphs keep what they were captured with)
-    g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
-    variants["pdl=off"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
-    g_ab.prefill_graphs = False
-    variants["pdl=off,prefill_graphs=off"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
-    del g_ab
-    kernels_common.PDL = True
-    import engine.fused_tail as fused_tail
-
-    merge = fused_tail.FUSED_ATTN_MERGE  # attention's split merge in the o projection (decode steps) flipped
-    fused_tail.FUSED_ATTN_MERGE = not merge
-    g_ab = Generator(loaded, Knobs(batch_size=1), max_context=4096, use_cuda_graphs=True)
-    variants[f"attn_merge={'off' if merge else 'on'}"] = measure_tps(g_ab, prompts[:2], 128, repeats=2, warmup=1)["tps"]
-    del g_ab
-    fused_tail.FUSED_ATTN_MERGE = merge
-    res["variants_tps"] = variants
-    print("variants (TPS, 128 new tokens):", json.dumps({k: round(v, 1) for k, v in variants.items()}), flush=True)
+    if not args.skip_variants:
+        ab_variants(loaded, prompts, res)
 
     # 5. step times at batch / verify widths
     steps = {}
@@ -285,7 +299,8 @@ def main() -> int:
     rows = [("GPU", res["gpu"]), ("weights", "random bf16, E4B geometry"),
             ("copy bandwidth (r+w)", f"{res['copy_bandwidth_gbs']:.0f} GB/s"),
             ("HBM floor", f"{res['floor_tps']:.1f} TPS"),
-            ("engine TPS (b1, p256, n256)", f"{res['engine_tps']:.1f}  ({100 * res['engine_floor_fraction']:.1f}% of floor)"),
+            (f"engine TPS (b1, p{args.prompt_len}, n{args.new_tokens})",
+             f"{res['engine_tps']:.1f}  ({100 * res['engine_floor_fraction']:.1f}% of floor); decode-only {res['engine_tps_decode']:.1f}"),
             ("transformers static generate", f"{res.get('hf_static_tps', float('nan')):.1f} TPS"),
             ("engine / transformers", f"{res['engine_vs_hf'] or float('nan'):.2f}x"),
             ("3x transformers = floor x", f"{res['three_x_hf_floor_fraction'] or float('nan'):.3f}"),

@@ -123,6 +123,7 @@ def _small_cases() -> list[tuple]:
     import kernels.head_norm as hn
     import kernels.rmsnorm as rn
     import kernels.splitk_norm as sn
+    from engine.fused_tail import ATTN_MERGE_MAX_SPLITS
 
     H = 2560
     bf = "*bf16"
@@ -181,7 +182,7 @@ def _small_cases() -> list[tuple]:
         cases.append((f"_attn_stage2 D {D} splits {splits}", da._attn_stage2, dict(NUM_SPLITS=splits),
                       {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": bf}, (),
                       dict(D=D, BLOCK_S=da.stage2_block(splits), PDL=True), 4 if D >= 256 else 2, 3))
-        if splits <= 8:  # where engine.fused_tail defers the merge to the o projection
+        if splits <= ATTN_MERGE_MAX_SPLITS:  # where engine.fused_tail defers the merge to the o projection
             import kernels.gemv_merged_input as gm
             from kernels._common import next_pow2
 

@@ -47,15 +47,27 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     out["attn_merge_off"] = {(ft, "FUSED_ATTN_MERGE"): False}
     out["attn_merge_all"] = {(ft, "ATTN_MERGE_MAX_ROWS"): 16}  # verify steps too
     gv = "kernels.gemv"  # GEMV tiles: the order of each row's K sums is unchanged, so results stay bitwise
-    out["gemv_n64"] = {(gv, "TILE_OVERRIDES"): {"BLOCK_N": 64}}
+    out["gemv_n32"] = {(gv, "TILE_OVERRIDES"): {"BLOCK_N": 32}}  # the stop-19 tile (64 is the default now)
+    out["gemv_w8"] = {(gv, "TILE_OVERRIDES"): {"num_warps": 8}}
+    out["gemv_split1"] = {(gv, "SPLIT_BELOW_WAVES"): 1.0}  # fewer K splits
+    out["gemv_split1_5"] = {(gv, "SPLIT_BELOW_WAVES"): 1.5}
     out["gemv_st3"] = {(gv, "TILE_OVERRIDES"): {"num_stages": 3}}
     out["gemv_st6"] = {(gv, "TILE_OVERRIDES"): {"num_stages": 6}}
     out["gemv_split4"] = {(gv, "SPLIT_BELOW_WAVES"): 4.0}  # more K splits: changes the sums' order
     out["gemv_split3"] = {(gv, "SPLIT_BELOW_WAVES"): 3.0}
     out["gemv_split6"] = {(gv, "SPLIT_BELOW_WAVES"): 6.0}
+    out["gemv_target1"] = {(gv, "SPLIT_TARGET_WAVES"): 1.0}  # fewer K splits (down 7 -> 4), fewer partials to sum
+    out["gemv_target1_5"] = {(gv, "SPLIT_TARGET_WAVES"): 1.5}
     # weight tiles requested before the PDL wait (default 2): with the early trigger a GEMV waits longer, so a
     # deeper prefetch may pay where it did not before (bitwise neutral: same K order)
     out["gemv_pf4"] = {(gv, "PREFETCH_TILES"): 4}
+    out["gemv_pf1"] = {(gv, "PREFETCH_TILES"): 1}
+    out["gemv_pf3"] = {(gv, "PREFETCH_TILES"): 3}
+    # 32-slot attention tiles (17 splits in a sliding layer) with the o projection still merging them
+    out["attn_bn32_merge"] = {**out["attn_bn32"], (ft, "ATTN_MERGE_MAX_SPLITS"): 32}
+    # the stop-20 attention tiles (128 slots, 4 warps, splits >= 128 slots, merged in o up to 8): now 64 / 8 / 64 / 16
+    out["attn_stop20"] = {(da, "ATTN_BLOCK_N"): 128, (da, "MIN_SPLIT_SLOTS"): 128, (da, "ATTN_NUM_WARPS"): 4,
+                          (ft, "ATTN_MERGE_MAX_SPLITS"): 8}
     out["pdl_early_pf4"] = {**out["pdl_early"], **out["gemv_pf4"]}
     first = ("default", "attn_merge_off", "pdl_early", "ple_2launch", "pdl_early_ple2", "attn_merge_all",
              "pdl_early_pf4", "gemv_pf4")
@@ -69,7 +81,8 @@ ENV_OF = {("kernels._common", "PDL_EARLY_SHORT"): "VKAE_PDL_EARLY", ("engine.fus
           ("kernels.decode_attention", "ATTN_BLOCK_N"): "VKAE_ATTN_BLOCK_N",
           ("kernels.decode_attention", "MIN_SPLIT_SLOTS"): "VKAE_ATTN_MIN_SPLIT_SLOTS",
           ("kernels.decode_attention", "ATTN_STAGES"): "VKAE_ATTN_STAGES",
-          ("kernels.decode_attention", "L2_PREFETCH"): "VKAE_ATTN_L2_PREFETCH"}
+          ("kernels.decode_attention", "L2_PREFETCH"): "VKAE_ATTN_L2_PREFETCH",
+          ("kernels.decode_attention", "ATTN_NUM_WARPS"): "VKAE_ATTN_NUM_WARPS"}
 
 
 def pick_env(result: dict, min_speedup: float = 1.005) -> str:

@@ -184,9 +184,10 @@ def test_long_mostly_empty_linear_cache_default_heuristics(row_mode):
 def test_split_heuristic_shapes():
     bm, bn, _ = da._blocks(512, 8 * 4)
     assert (bm, bn) == (32, 64)
-    assert da._blocks(256, 8)[:2] == (16, 128)             # E4B sliding layer: one 128-slot tile a split
+    assert da._blocks(256, 8) == (16, 64, 8)               # E4B sliding layer: one 64-slot tile a split, 8 warps
+    assert da._blocks(64, 8) == (16, 64, 4)                # small heads keep 4 warps
     assert da._num_splits(131072, 2, bn, 132) == 132       # B=1: fill the GPU
-    assert da._num_splits(521, 2 * 1, 128, 132) == 5       # short ring: >= 128 slots a split
+    assert da._num_splits(529, 2 * 1, 64, 132) == 9        # short ring: >= 64 slots a split
     assert da._num_splits(4096, 64 * 2, 32, 132) == 3      # B=64: little to gain from splitting
 
 
@@ -218,15 +219,17 @@ def test_finite_cache_loads_match_masked_loads(dtype, num_splits, row_mode):
 
 def test_block_n_switch_gives_smaller_splits(monkeypatch):
     """VKAE_ATTN_BLOCK_N (module ATTN_BLOCK_N) sets the tile, and only with it can MIN_SPLIT_SLOTS go below one
-    tile: E4B's sliding ring (528 slots, D 256, batch 1) is 5 splits by default, 17 with 32-slot tiles."""
+    tile: E4B's sliding ring (528 slots, D 256, batch 1) is 9 splits by default, 17 with 32-slot tiles."""
     _, bn, _, splits = da.launch_config(256, 4, 1, 2, 528, 132)
-    assert (bn, da.split_layout(528, splits, bn)[1]) == (128, 5)
+    assert (bn, da.split_layout(528, splits, bn)[1]) == (64, 9)
     monkeypatch.setattr(da, "MIN_SPLIT_SLOTS", 32)
     _, bn, _, splits = da.launch_config(256, 4, 1, 2, 528, 132)
-    assert (bn, da.split_layout(528, splits, bn)[1]) == (128, 5)  # still whole 128-slot tiles
+    assert (bn, da.split_layout(528, splits, bn)[1]) == (64, 9)  # still whole 64-slot tiles
     monkeypatch.setattr(da, "ATTN_BLOCK_N", 32)
     _, bn, _, splits = da.launch_config(256, 4, 1, 2, 528, 132)
     assert (bn, da.split_layout(528, splits, bn)[1]) == (32, 17)
+    monkeypatch.setattr(da, "ATTN_NUM_WARPS", 4)
+    assert da.launch_config(256, 4, 1, 2, 528, 132)[2] == 4  # the warps switch
 
 
 @pytest.mark.parametrize("value", ["24", "8", "abc", "-32"])
@@ -238,3 +241,4 @@ def test_block_n_env_rejects_bad_values(value):
     p = subprocess.run([sys.executable, "-c", "import kernels.decode_attention"], env=env, capture_output=True,
                        text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode != 0 and "VKAE_ATTN_BLOCK_N must be 0" in p.stderr
+

@@ -1,5 +1,6 @@
 """Compile the GEMV family (`kernels.gemv`, `kernels.gemv_epilogue`, `kernels.gemv_gated_input`, `kernels.splitk_norm`,
-`kernels.head_norm`, `kernels.fused_mlp`, `kernels.gemv_merged_input`, decode attention's stage 2) for an H100
+`kernels.head_norm`, `kernels.fused_mlp`, `kernels.gemv_merged_input`, decode attention's stage 2, the decode
+step's prologue `kernels.decode_prologue`) for an H100
 (sm_90) without a GPU: Triton's compiler and the ptxas shipped in its wheel need none.
 
 The interpreter tests run the kernels' arithmetic, but the interpreter accepts code the compiler
@@ -78,7 +79,7 @@ def _compile_all() -> int:
                **{k: i32 for k in ("M", "N", "P", "som", "son", "swn", "swk", "sym", "syn")}},
               dict(SPLIT=10, X_DTYPE=tl.bfloat16, G_BLOCK=gi.GATED_BLOCK, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                    USE_DOT=bm > 1, DOT_FP32=False, EVEN_K=True, PDL=bm > 1, PREFETCH=2, W_EVICT=""))
-    # the o projection merging decode attention's splits itself (sliding layers: 5 splits of D = 256), and
+    # the o projection merging decode attention's splits itself (sliding layers: 9 splits of D = 256), and
     # stage 2, which shares its merge code
     import kernels.decode_attention as da
     import kernels.gemv_merged_input as gm
@@ -88,18 +89,21 @@ def _compile_all() -> int:
               {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16",
                "part_ptr": "*fp32", **{k: i32 for k in ("M", "N", "K", "HQ", "NUM_SPLITS", "swn", "swk", "sym",
                                                         "syn", "k_per_split")}},
-              dict(D=256, BLOCK_S=8, M_BLOCK=512 if bm == 1 else 1024, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+              dict(D=256, BLOCK_S=16, M_BLOCK=512 if bm == 1 else 1024, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                    SPLIT_K=4, USE_DOT=bm > 1, DOT_FP32=False, EVEN_K=True, PDL=True, PREFETCH=2, W_EVICT=""))
     # decode attention stage 1, with and without the L2 prefetch of its split (K, V and slot positions: 3 spans)
     ints = ("sqb", "sqt", "sqh", "sqd", "skb", "skh", "sks", "skd", "svb", "svh", "svs", "svd", "ssb", "sss",
             "spb", "spt", "sob", "sot", "soh", "sod", "S", "T", "HQ", "HKV", "window", "split_len")
-    for l2_pf, eager in ((False, True), (True, True), (True, False)):
+    # (the E4B sliding layer's default tile since stop 21: 64 slots, 9 splits, 8 warps; the stop-20 one: 128, 5, 4)
+    for l2_pf, eager, bn, warps in ((False, True, 64, 8), (True, True, 64, 8), (True, False, 64, 8),
+                                    (False, True, 128, 4)):
         build(da._attn_stage1,
               {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i32", "qpos_ptr": "*i32",
                "out_ptr": "*bf16", "opart_ptr": "*fp32", "lse_ptr": "*fp32", **{k: i32 for k in ints},
                "qk_scale": "fp32", "softcap": "fp32"},
-              dict(G=4, D=256, BLOCK_M=16, BLOCK_N=128, NUM_SPLITS=5, HAS_SOFTCAP=False, DOT_FP32=False,
-                   EAGER_KV=eager, L2_PF=l2_pf, ROW_BYTES=512, BLOCK_T=2, PDL=True), bulk_prefetches=3 if l2_pf else 0)
+              dict(G=4, D=256, BLOCK_M=16, BLOCK_N=bn, NUM_SPLITS=9 if bn == 64 else 5, HAS_SOFTCAP=False,
+                   DOT_FP32=False, EAGER_KV=eager, L2_PF=l2_pf, ROW_BYTES=512, BLOCK_T=2, PDL=True),
+              warps=warps, bulk_prefetches=3 if l2_pf else 0)
     build(da._attn_stage2, {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "NUM_SPLITS": i32},
           dict(D=512, BLOCK_S=32, PDL=2))
     for geglu in (True, False):
@@ -132,6 +136,27 @@ def _compile_all() -> int:
                    USE_DOT=bm > 1, DOT_FP32=False, EVEN_K=True, PDL=bm > 1, PREFETCH=2, W_EVICT=""))
     build(fm._partials_sum_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32", "P": i32, "MN": i32},
           dict(BLOCK=fm.REDUCE_BLOCK, BLOCK_P=fm.REDUCE_BLOCK_P, PDL=2))
+    # the decode step's prologue (E4B: hidden 2560, RoPE tables of 256 and 512, a ring and a linear cache) and
+    # the PLE gather + combine (ple_dim 256), token ids read before or after the wait
+    import kernels.decode_prologue as dp
+
+    ptrs = ("tok_ptr", "pos_ptr", "emb_ptr", "nw_ptr", "h_ptr", "x_ptr", "pos32_ptr", "rows_ptr", "cos0_ptr",
+            "sin0_ptr", "ctab0_ptr", "stab0_ptr", "cos1_ptr", "sin1_ptr", "ctab1_ptr", "stab1_ptr", "slots_ptr")
+    types = {"tok_ptr": "*i64", "pos_ptr": "*i64", "pos32_ptr": "*i32", "rows_ptr": "*i64", "slots_ptr": "*i64"}
+    for plus_one, tables, geom, pdl in ((False, 2, 2, True), (True, 1, 4, 2), (False, 2, 1, False)):
+        build(dp._prologue_kernel,
+              {**{p: types.get(p, "*bf16") for p in ptrs},
+               **{k: i32 for k in ("R", "T", "N", "stb", "stt", "spb", "spt", "s_emb", "s_tab0", "s_tab1",
+                                   "n_slots0", "n_slots1", "n_slots2", "n_slots3")},
+               "embed_scale": "fp32", "eps": "fp32"},
+              dict(PLUS_ONE=plus_one, BLOCK_N=4096, NUM_TABLES=tables, D0=256, BLOCK_D0=256, D1=512, BLOCK_D1=512,
+                   NUM_GEOM=geom, RING0=True, RING1=False, RING2=True, RING3=False, PDL=pdl), warps=dp._warps(2560))
+    for early, pdl in ((True, True), (False, 2)):
+        build(dp._ple_combine_kernel,
+              {"ctx_ptr": "*bf16", "tok_ptr": "*i64", "ple_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+               **{k: i32 for k in ("T", "P", "s_ctx", "stb", "stt", "s_ple", "s_out")},
+               "ctx_scale": "fp32", "tok_scale": "fp32", "eps": "fp32"},
+              dict(BLOCK_P=256, EARLY_TOKENS=early, PDL=pdl), warps=dp._warps(256))
     return 0
 
 
