@@ -147,6 +147,7 @@ class Generator:
             from kernels.l2_prefetch import register_stream
 
             register_stream(self.model.decode_weight_order())
+            self.model.prepare_greedy_head()  # before any graph capture: the screen's int8 copy of the head
 
     # ---- steps -------------------------------------------------------------------------
     def _step_eager(self, tokens: torch.Tensor, positions: torch.Tensor,

@@ -10,7 +10,7 @@ The same loop A/Bs module switches that are read at launch (decode attention til
 variant sets its switches, builds its own Generator and captures its graphs, then the switches go back
 to their defaults; the graphs keep what they were captured with. Rounds rotate the variant order; medians.
 
-Usage: python scripts/stage_costs_gpu.py [--rounds 3] [--iters 100] [--only default,rep_attn,...]
+Usage: python scripts/stage_costs_gpu.py [--rounds 3] [--iters 100] [--only default,rep_attn,...] [--max-context 1024]
        python scripts/stage_costs_gpu.py --pick-from run.txt   # env of the fastest bit-exact variant in a run's output
 Prints a table and ends with one JSON line.
 """
@@ -69,6 +69,7 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     out["attn_stop20"] = {(da, "ATTN_BLOCK_N"): 128, (da, "MIN_SPLIT_SLOTS"): 128, (da, "ATTN_NUM_WARPS"): 4,
                           (ft, "ATTN_MERGE_MAX_SPLITS"): 8}
     out["pdl_early_pf4"] = {**out["pdl_early"], **out["gemv_pf4"]}
+    out["head_screen"] = {("kernels.head_argmax", "ENABLED"): True}  # greedy from the int8 screen (off by default)
     first = ("default", "attn_merge_off", "pdl_early", "ple_2launch", "pdl_early_ple2", "attn_merge_all",
              "pdl_early_pf4", "gemv_pf4")
     return {n: out[n] for n in first} | {n: v for n, v in out.items() if n not in first}
@@ -82,7 +83,8 @@ ENV_OF = {("kernels._common", "PDL_EARLY_SHORT"): "VKAE_PDL_EARLY", ("engine.fus
           ("kernels.decode_attention", "MIN_SPLIT_SLOTS"): "VKAE_ATTN_MIN_SPLIT_SLOTS",
           ("kernels.decode_attention", "ATTN_STAGES"): "VKAE_ATTN_STAGES",
           ("kernels.decode_attention", "L2_PREFETCH"): "VKAE_ATTN_L2_PREFETCH",
-          ("kernels.decode_attention", "ATTN_NUM_WARPS"): "VKAE_ATTN_NUM_WARPS"}
+          ("kernels.decode_attention", "ATTN_NUM_WARPS"): "VKAE_ATTN_NUM_WARPS",
+          ("kernels.head_argmax", "ENABLED"): "VKAE_SCREENED_HEAD"}
 
 
 def pick_env(result: dict, min_speedup: float = 1.005) -> str:
@@ -97,7 +99,7 @@ def pick_env(result: dict, min_speedup: float = 1.005) -> str:
     return " ".join(f"{ENV_OF[k]}={int(v)}" for k, v in table[best].items())
 
 
-def build(lm, switches: dict[tuple[str, str], object]):
+def build(lm, switches: dict[tuple[str, str], object], max_context: int = 1024):
     """A Generator whose decode and verify graphs are captured with `switches` set; restores them after."""
     from ab_trees_gpu import warm_steps
     from engine.generate import Generator
@@ -109,7 +111,7 @@ def build(lm, switches: dict[tuple[str, str], object]):
         saved[(mod, attr)] = getattr(m, attr)
         setattr(m, attr, value)
     try:
-        gen = Generator(lm, Knobs(batch_size=1), max_context=1024, use_cuda_graphs=True)
+        gen = Generator(lm, Knobs(batch_size=1), max_context=max_context, use_cuda_graphs=True)
         gen.prefill(list(range(3, 259)), 0)
         warm_steps(gen)
     finally:
@@ -123,6 +125,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all); 'default' is added")
+    ap.add_argument("--max-context", type=int, default=1024,
+                    help="cache capacity (the full layers' attention splits follow it; bench_e4b_gpu uses 4096)")
     ap.add_argument("--pick-from", default="", help="print the env of the best variant in this run's output, and exit")
     args = ap.parse_args()
     if args.pick_from:
@@ -156,7 +160,7 @@ def main() -> int:
     # a run cut short still has one timing of every variant captured); later rounds rotate the order
     for name in list(names):
         try:
-            gens[name] = build(lm, table[name])
+            gens[name] = build(lm, table[name], args.max_context)
         except Exception as e:  # a variant that fails to compile or capture must not cost the others' timings
             if name == "default":
                 raise
@@ -169,7 +173,7 @@ def main() -> int:
         for name in names[r % len(names):] + names[:r % len(names)]:
             timed(r, name)
     res: dict = {"weights": "random", "geometry": "gemma-4-e4b", "gpu": torch.cuda.get_device_name(0),
-                 "rounds": args.rounds, "iters": args.iters, "context": 256, "verify_width": 9, "variants": {}}
+                 "rounds": args.rounds, "iters": args.iters, "context": 256, "max_context": args.max_context, "verify_width": 9, "variants": {}}
     base = {k: statistics.median(x[k] for x in runs["default"]) for k in ("decode_ms", "verify_ms")}
     base_sum = sorted({x["checksum"] for x in runs["default"]})
     print(f"GPU {res['gpu']}; E4B geometry, RANDOM bf16 weights; medians of {args.rounds} rounds of {args.iters} steps")

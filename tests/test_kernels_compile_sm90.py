@@ -1,6 +1,6 @@
 """Compile the GEMV family (`kernels.gemv`, `kernels.gemv_epilogue`, `kernels.gemv_gated_input`, `kernels.splitk_norm`,
 `kernels.head_norm`, `kernels.fused_mlp`, `kernels.gemv_merged_input`, decode attention's stage 2, the decode
-step's prologue `kernels.decode_prologue`) for an H100
+step's prologue `kernels.decode_prologue`, the screened greedy head `kernels.head_argmax`) for an H100
 (sm_90) without a GPU: Triton's compiler and the ptxas shipped in its wheel need none.
 
 The interpreter tests run the kernels' arithmetic, but the interpreter accepts code the compiler
@@ -157,6 +157,24 @@ def _compile_all() -> int:
                **{k: i32 for k in ("T", "P", "s_ctx", "stb", "stt", "s_ple", "s_out")},
                "ctx_scale": "fp32", "tok_scale": "fp32", "eps": "fp32"},
               dict(BLOCK_P=256, EARLY_TOKENS=early, PDL=pdl), warps=dp._warps(256))
+    # the int8-screened greedy head: screen, exact recompute (tensor-core and M == 1 GEMV tiles), final argmax
+    import kernels.head_argmax as ha
+
+    for use_dot, carry in ((True, False), (True, True), (False, False)):
+        build(ha._screen_kernel, {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", "err_ptr": "*fp32",
+                                  "hi_ptr": "*fp32", "lo_part_ptr": "*fp32", "blk_ptr": "*fp32",
+                                  "xn_ptr": "*fp32", **{k: i32 for k in ("M", "N", "K", "sxm", "sqn", "P", "NG")}},
+              dict(G=64 if use_dot else 16, BLOCK_M=16 if use_dot else 1, BLOCK_N=ha.SCREEN_BLOCK_N, BLOCK_K=ha.SCREEN_BLOCK_K, DOT_FP32=False,
+                   USE_DOT=use_dot, CARRY=carry, PDL=True))
+    for bm, bn, bk in ((16, 64, 128), (1, 16, 256)):
+        build(ha._exact_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "hi_ptr": "*fp32", "lo_part_ptr": "*fp32",
+                                 "blk_ptr": "*fp32", "xn_ptr": "*fp32", "best_ptr": "*fp32", "best_idx_ptr": "*i32",
+                                 **{k: i32 for k in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "P", "NG", "P2")},
+                                 "err_max": "fp32"},
+              dict(CHUNK=2048, P_BLOCK=1024, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=bm > 1, DOT_FP32=False,
+                   EVEN_K=True, PDL=True, PREFETCH=2, W_EVICT="", OUT_DTYPE=tl.bfloat16))
+    build(ha._final_kernel, {"best_ptr": "*fp32", "best_idx_ptr": "*i32", "out_ptr": "*i64", "P2": i32},
+          dict(BLOCK=128, PDL=2))
     return 0
 
 

@@ -1,0 +1,299 @@
+"""Greedy decode's LM head from an int8 screen: exact argmax ids for half the head's bytes.
+
+The tied E4B head is 262,144 rows x 2560 in bf16, 1.34 GB a step: at batch 1 it alone is ~440 us of a ~4.2 ms
+decode step on an H100. Greedy decode needs only the argmax of the bf16 logits the GEMV would produce
+(`kernels.gemv`, first index on ties), so:
+
+Measured (H100, stop 22): exact, but slower than the bf16 head, so off by default (`ENABLED`).
+
+1. **screen** (`_screen_kernel`): stream an int8 copy of the head (per-row scale, 0.67 GB). For row r and
+   hidden row x it computes the approximate logit a = scale_r * (x . q_r) and a rigorous error bound
+   B = |x| * err_r, where err_r covers the quantisation residual (Cauchy-Schwarz: |x . (w_r - scale_r q_r)| <=
+   |x| |w_r - scale_r q_r|) and fp32 accumulation in both dots with a wide margin. So the GEMV's fp32 sum E_r
+   lies in [a - B, a + B]. It stores hi = a + B and, per program, max(a - B).
+2. **exact** (`_exact_kernel`): L = max over rows of (a - B) is a lower bound of max E. A row with
+   hi < L - U (U: two bf16 half-ulps at the largest magnitude that can tie, see `_exact_kernel`) rounds strictly
+   below the winner, so it cannot be the argmax, not even by a tie. Every other row (a handful: 4 to 20 of
+   262,144 on random E4B weights) gets its logit recomputed with the GEMV's own K walk (`kernels.gemv._gemv_acc`,
+   the same tile config), so its value is the GEMV's bit for bit; rows not needed point at a needed row's address
+   (read once, from L1/L2) and are dropped.
+3. **final** (`_final_kernel`): the best (value, first index) over the exact kernel's programs.
+
+The ids are those of `linear_small_m(x, w).argmax(-1)` exactly, for any weights and inputs with finite logits
+(the screen only decides which rows are recomputed; a flat logit distribution just recomputes more rows).
+The full-logit path (PPL, sampling) still reads the bf16 head. The int8 copy costs 0.67 GB of device memory.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ._common import HAS_TRITON, INTERPRET, cdiv, next_pow2, pdl_flags, tl, triton
+
+# Engine switch (env VKAE_SCREENED_HEAD=1 turns it on): greedy decode steps use the screen. Read when the
+# generator prepares the model and at each greedy call (graphs keep what they captured). OFF: exact on an H100 at
+# E4B geometry (no id differed in 3,056 hidden rows; greedy generation identical) but slower than the bf16 GEMV +
+# argmax: the int8 screen kernel streams 0.67 GB at ~0.7-1.1 TB/s, not at the copy bandwidth (see SCREEN_BLOCK_N).
+ENABLED: bool = os.environ.get("VKAE_SCREENED_HEAD", "0") == "1"
+# Screen tile: 128 int8 rows x 128 columns (2,048 programs at E4B), the fastest of the stop-22 sweep on an H100
+# (`scripts/check_screened_head_gpu.py --sweep`, head alone, graphed, M = 1 / 9): 0.615 / 0.712 ms, against
+# 1.013 / 1.094 for 64 x 256 and 0.740 / 0.811 for 64 x 256 loaded a tile ahead by hand; 128 x 256 and 64 x 512
+# 3.1 and 12.6 ms (spills). The bf16 GEMV + argmax it replaces takes 0.448 / 0.462 ms: the screen is slower.
+SCREEN_BLOCK_N = 128
+SCREEN_BLOCK_K = 128
+SCREEN_WARPS = 4
+SCREEN_STAGES = 4
+SCREEN_CARRY = False     # load the next int8 tile one iteration ahead by hand (else Triton's pipeliner does)
+SCREEN_M1_CORES = False  # M == 1: CUDA-core multiply + row sum instead of tensor cores on 16 padded rows
+EXACT_CHUNK = 2048    # rows per exact-kernel program (128 programs at E4B)
+ROW_CHUNK = 16384     # rows quantised at a time when building the copy (bounds the fp32 temporaries)
+# Relative slack on the bound for fp32 rounding: the dots' accumulation error is <= K * 2^-24 * |x| |w|
+# (1.5e-4 at K = 2560) and the norms are computed in fp32; 1e-3 covers both several times over.
+ACCUM_SLACK = 1e-3
+
+
+@dataclass(frozen=True)
+class ScreenedHead:
+    """An int8 copy of a head w [N, K]: w_r ~ scale[r] * q[r]; err[r] bounds |x . w_r - a_r| / |x|."""
+    q: torch.Tensor       # int8 [N, K]
+    scale: torch.Tensor   # fp32 [N]
+    err: torch.Tensor     # fp32 [N]
+    err_max: float        # max(err): bounds every row's error band (the tie margin U uses it)
+    source_ptr: int       # data_ptr of the bf16 head it was built from (a stale copy is refused)
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + 4 * (self.scale.numel() + self.err.numel())
+
+
+def build_screened_head(w: torch.Tensor) -> ScreenedHead:
+    """Quantise w [N, K] row by row to int8 (symmetric, scale = max|w_r| / 127) and bound each row's error."""
+    if w.dim() != 2:
+        raise ValueError(f"the head must be a matrix [N, K], got shape {tuple(w.shape)}")
+    N, K = w.shape
+    q = torch.empty(N, K, dtype=torch.int8, device=w.device)
+    scale = torch.empty(N, dtype=torch.float32, device=w.device)
+    err = torch.empty(N, dtype=torch.float32, device=w.device)
+    for r0 in range(0, N, ROW_CHUNK):
+        wf = w[r0:r0 + ROW_CHUNK].float()
+        s = wf.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+        qi = torch.round(wf / s[:, None]).clamp_(-127, 127)
+        resid = torch.linalg.vector_norm(wf - qi * s[:, None], dim=1)
+        wn = torch.linalg.vector_norm(wf, dim=1)
+        q[r0:r0 + ROW_CHUNK] = qi.to(torch.int8)
+        scale[r0:r0 + ROW_CHUNK] = s
+        err[r0:r0 + ROW_CHUNK] = resid * (1 + ACCUM_SLACK) + ACCUM_SLACK * wn
+    return ScreenedHead(q, scale, err, float(err.max()) if N else 0.0, w.data_ptr(), (N, K))
+
+
+def greedy_ids_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What the screen must reproduce: argmax of the Triton GEMV's logits (first index on ties) -> int64 [M]
+    (`engine.linear.matmul` runs that GEMV for the head at decode widths on CUDA)."""
+    from .gemv import linear_small_m_triton
+
+    return linear_small_m_triton(x, w).argmax(dim=-1)
+
+
+def screen_bounds_ref(x: torch.Tensor, head: ScreenedHead) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a - B, a + B) [M, N] in fp32 from the int8 copy: the band every GEMV logit lies in (tests)."""
+    a = (x.float() @ head.q.float().T) * head.scale[None, :]
+    b = torch.linalg.vector_norm(x.float(), dim=1)[:, None] * (1 + ACCUM_SLACK) * head.err[None, :]
+    return a - b, a + b
+
+
+if HAS_TRITON:
+    from ._common import pdl_wait
+    from .gemv import _gemv_acc
+
+    @triton.jit
+    def _screen_kernel(x_ptr, q_ptr, scale_ptr, err_ptr, hi_ptr, lo_part_ptr, blk_ptr, xn_ptr, M, N, K, sxm, sqn, P,
+                       NG, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       DOT_FP32: tl.constexpr, USE_DOT: tl.constexpr, CARRY: tl.constexpr, PDL: tl.constexpr):
+        """hi[m, n] = a + B for this program's BLOCK_N rows; lo_part[m, pid] = max over them of a - B; blk[m, g] =
+        max of hi over each group g of G rows (the exact kernel's tile); program 0 also stores |x_m| in xn.
+        USE_DOT: tensor cores on 16 padded rows, else (M == 1) a CUDA-core multiply + row sum. CARRY: the next
+        tile is loaded one iteration ahead by hand (else the loop's loads are left to Triton's pipeliner)."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_m = tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        q_rows = q_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * sqn  # clamped rows, dropped below
+        if USE_DOT:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_N], tl.float32)
+        xsq2 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        offs_k = tl.arange(0, BLOCK_K)
+        qt = tl.load(q_rows + offs_k[None, :], mask=offs_k[None, :] < K, other=0)  # weights: before the wait
+        pdl_wait(PDL)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            if CARRY:
+                nxt = tl.load(q_rows + (ks + BLOCK_K)[None, :], mask=(ks + BLOCK_K)[None, :] < K, other=0)
+            else:
+                if k0 > 0:
+                    qt = tl.load(q_rows + ks[None, :], mask=ks[None, :] < K, other=0)
+            xt = tl.load(x_ptr + offs_m[:, None] * sxm + ks[None, :], mask=m_ok[:, None] & (ks[None, :] < K),
+                         other=0.0)
+            xf = xt.to(tl.float32)
+            xsq2 += xf * xf
+            if USE_DOT:
+                if DOT_FP32:  # fp32 inputs, or bf16 under the interpreter (its bf16 dot is wrong): exact fp32 dot
+                    acc += tl.dot(xf, tl.trans(qt.to(tl.float32)), input_precision="ieee")
+                else:  # int8 -> bf16/fp16 is exact (|q| <= 127); tensor cores, fp32 accumulation
+                    acc += tl.dot(xt, tl.trans(qt.to(xt.dtype)))
+            else:
+                acc += tl.sum(qt.to(tl.float32) * tl.sum(xf, axis=0)[None, :], axis=1)
+            if CARRY:
+                qt = nxt
+        scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
+        err = tl.load(err_ptr + offs_n, mask=n_ok, other=0.0)
+        if USE_DOT:
+            a = acc * scale[None, :]
+        else:
+            a = (acc * scale)[None, :]
+        xn = tl.sqrt(tl.sum(xsq2, axis=1))
+        band = (xn * 1.001)[:, None] * err[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        hi = a + band
+        tl.store(hi_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], hi, mask=ok)
+        lo = tl.where(ok, a - band, float("-inf"))
+        tl.store(lo_part_ptr + offs_m * P + pid, tl.max(lo, axis=1), mask=m_ok)
+        groups = tl.max(tl.reshape(tl.where(ok, hi, float("-inf")), [BLOCK_M, BLOCK_N // G, G]), axis=2)
+        offs_g = pid * (BLOCK_N // G) + tl.arange(0, BLOCK_N // G)
+        tl.store(blk_ptr + offs_m[:, None] * NG + offs_g[None, :], groups, mask=m_ok[:, None] & (offs_g[None, :] < NG))
+        if pid == 0:
+            tl.store(xn_ptr + offs_m, xn, mask=m_ok)
+
+    @triton.jit
+    def _exact_kernel(x_ptr, w_ptr, hi_ptr, lo_part_ptr, blk_ptr, xn_ptr, best_ptr, best_idx_ptr, M, N, K, sxm, sxk,
+                      swn, swk, P, NG, P2, err_max, CHUNK: tl.constexpr, P_BLOCK: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+                      PREFETCH: tl.constexpr, W_EVICT: tl.constexpr, OUT_DTYPE: tl.constexpr):
+        """The GEMV's exact logits for the rows of this program's CHUNK that can win; its best (value, index)."""
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        pdl_wait(PDL)
+        # L_m: the largest lower bound of any row's logit
+        # (tiles combined elementwise, reduced after the loop: a reduction carried through the loop trips an
+        # assertion in triton 3.6's thread-locality pass when its result has two uses)
+        low2 = tl.full([BLOCK_M, P_BLOCK], float("-inf"), tl.float32)
+        for p0 in range(0, P, P_BLOCK):
+            ps = p0 + tl.arange(0, P_BLOCK)
+            t = tl.load(lo_part_ptr + offs_m[:, None] * P + ps[None, :], mask=m_ok[:, None] & (ps[None, :] < P),
+                        other=float("-inf"))
+            low2 = tl.maximum(low2, t)
+        low = tl.max(low2, axis=1)
+        # the tie margin: a row can tie the winner only if it lies within one bf16 ulp of it, and
+        # ulp(v) <= 2^-7 |v|; every candidate value is at most |L| + 2 * (largest band) in magnitude
+        xn = tl.load(xn_ptr + offs_m, mask=m_ok, other=0.0)
+        margin = 0.015625 * (tl.abs(low) + 2.01 * xn * err_max) + 1e-30
+        thresh = tl.where(m_ok, low - margin, float("inf"))  # padded rows select nothing
+        # which of this chunk's tiles hold a row that can win, from the screen's per-tile maxima (one load)
+        NB: tl.constexpr = CHUNK // BLOCK_N
+        offs_b = tl.arange(0, NB)
+        gb = pid * NB + offs_b
+        blk = tl.load(blk_ptr + offs_m[:, None] * NG + gb[None, :], mask=m_ok[:, None] & (gb[None, :] < NG),
+                      other=float("-inf"))
+        tile_needed = tl.max((blk >= thresh[:, None]).to(tl.int32), axis=0)  # [NB]
+        best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        best_idx = tl.zeros([BLOCK_M], tl.int32)
+        for j in range(0, NB):
+            if tl.sum(tl.where(offs_b == j, tile_needed, 0), axis=0) > 0:
+                offs_n = pid * CHUNK + j * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < N
+                hi = tl.load(hi_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :],
+                             mask=m_ok[:, None] & n_ok[None, :], other=float("-inf"))
+                need = tl.max((hi >= thresh[:, None]).to(tl.int32), axis=0) > 0  # [BLOCK_N]: some row may win here
+                first = tl.min(tl.where(need, offs_n, N), axis=0)
+                rows = tl.where(need, offs_n, first)  # rows not needed read a needed row's bytes (cached)
+                w_rows = w_ptr + rows.to(tl.int64)[:, None] * swn
+                acc = _gemv_acc(x_ptr, w_rows, M, 0, K, sxm, sxk, swk, BLOCK_M, BLOCK_N, BLOCK_K,
+                                USE_DOT, DOT_FP32, EVEN_K, 0, PREFETCH, W_EVICT)
+                if USE_DOT:
+                    val = acc.to(OUT_DTYPE).to(tl.float32)
+                else:
+                    val = acc.to(OUT_DTYPE).to(tl.float32)[None, :]
+                val = tl.where(need[None, :] & m_ok[:, None], val, float("-inf"))
+                vmax = tl.max(val, axis=1)
+                vidx = tl.min(tl.where(val == vmax[:, None], offs_n[None, :], N), axis=1)
+                better = vmax > best  # strictly: tiles run in index order, so ties keep the first index
+                best_idx = tl.where(better, vidx, best_idx)
+                best = tl.where(better, vmax, best)
+        tl.store(best_ptr + offs_m * P2 + pid, best, mask=m_ok)
+        tl.store(best_idx_ptr + offs_m * P2 + pid, best_idx, mask=m_ok)
+
+    @triton.jit
+    def _final_kernel(best_ptr, best_idx_ptr, out_ptr, P2, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        m = tl.program_id(0)
+        pdl_wait(PDL)
+        offs = tl.arange(0, BLOCK)
+        ok = offs < P2
+        v = tl.load(best_ptr + m * P2 + offs, mask=ok, other=float("-inf"))
+        i = tl.load(best_idx_ptr + m * P2 + offs, mask=ok, other=2**31 - 1)
+        vmax = tl.max(v, axis=0)
+        tl.store(out_ptr + m, tl.min(tl.where(v == vmax, i, 2**31 - 1), axis=0).to(tl.int64))
+
+
+def supports(x: torch.Tensor, w: torch.Tensor, head: ScreenedHead | None) -> bool:
+    """Whether `greedy_ids` can replace `greedy_ids_ref(x, w)`: the Triton GEMV path (M <= 16, K not split),
+    and a screen built from this very head."""
+    from .gemv import MAX_M, resolve_config
+
+    if head is None or not HAS_TRITON or not (x.is_cuda or INTERPRET) or x.dim() != 2 or not 1 <= x.shape[0] <= MAX_M \
+            or w.dim() != 2 or w.shape[0] == 0:
+        return False
+    if head.source_ptr != w.data_ptr() or tuple(w.shape) != head.shape or x.shape[1] != w.shape[1]:
+        return False
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.dtype != x.dtype:
+        return False
+    return resolve_config(x, w)["SPLIT_K"] == 1
+
+
+def greedy_ids(x: torch.Tensor, w: torch.Tensor, head: ScreenedHead) -> torch.Tensor:
+    """argmax_n of (x @ w.T as `kernels.gemv.linear_small_m` computes it) for x [M, K] -> int64 [M], reading
+    the int8 screen and the bf16 rows of the few candidates. Requires `supports(x, w, head)`."""
+    from ._common import tl_dtype
+    from .gemv import kernel_flags, resolve_config
+
+    if not supports(x, w, head):
+        raise ValueError("greedy_ids: unsupported operands (see kernels.head_argmax.supports)")
+    M, K = x.shape
+    N = w.shape[0]
+    dev = x.device
+    cfg = resolve_config(x, w)  # the GEMV's own tile: the recomputed logits are its bits
+    G = cfg["BLOCK_N"]
+    if SCREEN_BLOCK_N % G:
+        raise ValueError(f"SCREEN_BLOCK_N={SCREEN_BLOCK_N} must be a multiple of the GEMV's tile of {G} rows")
+    P, NG = cdiv(N, SCREEN_BLOCK_N), cdiv(N, G)
+    chunk = max(EXACT_CHUNK // SCREEN_BLOCK_N, 1) * SCREEN_BLOCK_N
+    P2 = cdiv(N, chunk)
+    hi = torch.empty(M, N, dtype=torch.float32, device=dev)
+    lo_part = torch.empty(M, P, dtype=torch.float32, device=dev)
+    blk = torch.empty(M, NG, dtype=torch.float32, device=dev)
+    xn = torch.empty(M, dtype=torch.float32, device=dev)
+    best = torch.empty(M, P2, dtype=torch.float32, device=dev)
+    best_idx = torch.empty(M, P2, dtype=torch.int32, device=dev)
+    out = torch.empty(M, dtype=torch.int64, device=dev)
+    dot_fp32 = x.dtype == torch.float32 or INTERPRET
+    xs = x if x.stride(1) == 1 else x.contiguous()
+    one_row = M == 1 and SCREEN_M1_CORES
+    _screen_kernel[(P,)](xs, head.q, head.scale, head.err, hi, lo_part, blk, xn, M, N, K, xs.stride(0),
+                         head.q.stride(0), P, NG, G=G, BLOCK_M=1 if one_row else 16, BLOCK_N=SCREEN_BLOCK_N,
+                         BLOCK_K=SCREEN_BLOCK_K, DOT_FP32=dot_fp32, USE_DOT=not one_row, CARRY=SCREEN_CARRY,
+                         **pdl_flags(x), num_warps=SCREEN_WARPS, num_stages=SCREEN_STAGES)
+    flags = kernel_flags(x, w, cfg)
+    exact_flags = {k: flags[k] for k in ("USE_DOT", "DOT_FP32", "EVEN_K", "PREFETCH", "W_EVICT")}
+    _exact_kernel[(P2,)](x, w, hi, lo_part, blk, xn, best, best_idx, M, N, K, x.stride(0), x.stride(1), w.stride(0),
+                         w.stride(1), P, NG, P2, head.err_max, CHUNK=chunk, P_BLOCK=min(1024, next_pow2(P)),
+                         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=G, BLOCK_K=cfg["BLOCK_K"],
+                         OUT_DTYPE=tl_dtype(x.dtype), **exact_flags, **pdl_flags(x),
+                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _final_kernel[(M,)](best, best_idx, out, P2, BLOCK=next_pow2(P2), **pdl_flags(x, short=True), num_warps=4)
+    return out
