@@ -69,6 +69,10 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     out["attn_stop20"] = {(da, "ATTN_BLOCK_N"): 128, (da, "MIN_SPLIT_SLOTS"): 128, (da, "ATTN_NUM_WARPS"): 4,
                           (ft, "ATTN_MERGE_MAX_SPLITS"): 8}
     out["pdl_early_pf4"] = {**out["pdl_early"], **out["gemv_pf4"]}
+    # splits of >= 128 slots with the stop-21 tiles: a global layer over a 4096-slot cache runs 32 splits, not 64
+    # (stop 22's bench step at 4096 slots was 0.7-0.9 ms slower than at 1024; run these with --max-context 4096)
+    out["attn_split128"] = {(da, "MIN_SPLIT_SLOTS"): 128}
+    out["attn_split256"] = {(da, "MIN_SPLIT_SLOTS"): 256}
     out["head_screen"] = {("kernels.head_argmax", "ENABLED"): True}  # greedy from the int8 screen (off by default)
     first = ("default", "attn_merge_off", "pdl_early", "ple_2launch", "pdl_early_ple2", "attn_merge_all",
              "pdl_early_pf4", "gemv_pf4")
