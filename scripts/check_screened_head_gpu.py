@@ -30,28 +30,12 @@ from engine.knobs import Knobs  # noqa: E402
 from engine.loader import load_model  # noqa: E402
 
 
-def graphed_ms(fn, reps: int = 20, inner: int = 10) -> float:
-    """Mean ms of fn() replayed in a CUDA graph of `inner` calls (the head streams 0.67-1.34 GB, far past L2)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(inner):
-            fn()
-    g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / inner)
-    return statistics.median(times)
+def graphed_ms(fn, calls: int = 10) -> float:
+    """Median ms per call of fn() captured `calls` times in one CUDA graph (`bench_kernels.bench_graphed`; the head
+    streams 0.67-1.34 GB a call, far past L2, so the same operands serve every call)."""
+    from bench_kernels import bench_graphed
+
+    return bench_graphed(fn, [()] * calls) / 1e3
 
 
 def survivors(x: torch.Tensor, head: ha.ScreenedHead) -> list[int]:
@@ -91,7 +75,7 @@ def sweep(w: torch.Tensor, head: ha.ScreenedHead, xs: torch.Tensor) -> dict:
             for M in (1, 9):
                 x = xs[:M].contiguous()
                 row[f"ok_{M}"] = bool(torch.equal(ha.greedy_ids(x, w, head), ref[M]))
-                row[f"ms_{M}"] = graphed_ms(lambda: ha.greedy_ids(x, w, head), reps=10)
+                row[f"ms_{M}"] = graphed_ms(lambda: ha.greedy_ids(x, w, head))
             out[name] = row
         except Exception as e:  # a variant that fails to compile must not cost the others
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}

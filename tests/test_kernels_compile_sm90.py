@@ -163,7 +163,8 @@ def _compile_all() -> int:
     for use_dot, carry in ((True, False), (True, True), (False, False)):
         build(ha._screen_kernel, {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", "err_ptr": "*fp32",
                                   "hi_ptr": "*fp32", "lo_part_ptr": "*fp32", "blk_ptr": "*fp32",
-                                  "xn_ptr": "*fp32", **{k: i32 for k in ("M", "N", "K", "sxm", "sqn", "P", "NG")}},
+                                  "xn_ptr": "*fp32", **{k: i32 for k in ("M", "N", "K", "sxm", "sqn", "P", "NG")},
+                                  "xn_slack": "fp32"},
               dict(G=64 if use_dot else 16, BLOCK_M=16 if use_dot else 1, BLOCK_N=ha.SCREEN_BLOCK_N, BLOCK_K=ha.SCREEN_BLOCK_K, DOT_FP32=False,
                    USE_DOT=use_dot, CARRY=carry, PDL=True))
     for bm, bn, bk in ((16, 64, 128), (1, 16, 256)):
