@@ -40,29 +40,30 @@ def child(root: str, iters: int) -> dict:
     return time_steps(gen, iters)
 
 
-def step_inputs(gen) -> tuple:
-    """(tokens [1, WIDTH], positions [1, WIDTH]): fixed draft tokens at positions 256.. (after a 256-token prefill)."""
+def step_inputs(gen, context: int = 256) -> tuple:
+    """(tokens [1, WIDTH], positions [1, WIDTH]): fixed draft tokens at positions context.. (after a prefill of
+    `context` tokens)."""
     import torch
 
     dev = gen.device
     tokens = torch.randint(3, 1000, (1, WIDTH), device=dev, generator=torch.Generator(dev).manual_seed(0))
-    return tokens, (torch.arange(WIDTH, device=dev) + 256)[None]
+    return tokens, (torch.arange(WIDTH, device=dev) + context)[None]
 
 
-def warm_steps(gen) -> None:
+def warm_steps(gen, context: int = 256) -> None:
     """A few decode (T = 1) and verify (T = WIDTH) steps: captures both graphs with the switches set now."""
-    tokens, positions = step_inputs(gen)
+    tokens, positions = step_inputs(gen, context)
     for t in (1, WIDTH):
         for _ in range(5):
             gen.step(tokens[:, :t], positions[:, :t])
 
 
-def time_steps(gen, iters: int, warm: bool = True) -> dict:
+def time_steps(gen, iters: int, warm: bool = True, context: int = 256) -> dict:
     """Mean ms of `iters` graphed decode and verify steps, the checksum of a decode step's final hidden state
     (bitwise-neutral changes keep it), and whether the verify step's first row equals that decode step bit for bit."""
     import torch
 
-    tokens, positions = step_inputs(gen)
+    tokens, positions = step_inputs(gen, context)
     out = {}
     for name, t in (("decode", 1), ("verify", WIDTH)):
         for _ in range(5 if warm else 1):

@@ -12,7 +12,7 @@ attention, o, MLP, PLE, head) comes from one eager step profiled with `engine.mo
 profiler ranges: the graph was captured from the same code, so its i-th kernel is the eager step's i-th
 (the script checks that the two name sequences agree, and labels by kernel name alone if they do not).
 
-Usage: python scripts/critical_path_gpu.py [--replays 20]
+Usage: python scripts/critical_path_gpu.py [--replays 20] [--max-context 1024[,4096]] [--context 256]
 Prints a table per step width and ends with one JSON line.
 """
 from __future__ import annotations
@@ -123,10 +123,10 @@ def marginals(chain: list[dict]) -> list[float]:
     return out
 
 
-def analyse(gen, width: int, replays: int) -> dict:
+def analyse(gen, width: int, replays: int, context: int = 256) -> dict:
     from ab_trees_gpu import step_inputs
 
-    tokens, positions = step_inputs(gen)
+    tokens, positions = step_inputs(gen, context)
     tokens, positions = tokens[:, :width], positions[:, :width]
     labels = eager_stage_labels(gen, tokens, positions)
     chains = replay_chains(gen, tokens, positions, replays)
@@ -161,12 +161,35 @@ def analyse(gen, width: int, replays: int) -> dict:
             "span_us": span, "stages_us": dict(sorted(stages.items(), key=lambda kv: -kv[1])), "table": table}
 
 
+def compare(a: dict, b: dict, top: int = 12) -> list[dict]:
+    """(stage, kernel) rows whose marginal time differs most between two analyses of one width."""
+    ra = {(r["stage"], r["kernel"]): r for r in a["table"]}
+    rb = {(r["stage"], r["kernel"]): r for r in b["table"]}
+    rows = []
+    for key in ra.keys() | rb.keys():
+        ma = ra[key]["marginal_us"] if key in ra else 0.0
+        mb = rb[key]["marginal_us"] if key in rb else 0.0
+        rows.append({"stage": key[0], "kernel": key[1], "calls_a": ra[key]["calls"] if key in ra else 0,
+                     "calls_b": rb[key]["calls"] if key in rb else 0, "marginal_us_a": ma, "marginal_us_b": mb,
+                     "diff_us": mb - ma})
+    return sorted(rows, key=lambda r: -abs(r["diff_us"]))[:top]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--max-context", default="1024",
+                    help="cache capacity; a comma list profiles each and prints the kernels whose time moved most")
+    ap.add_argument("--context", type=int, default=256, help="prompt tokens before the profiled steps")
     args = ap.parse_args()
     if args.replays < 1:
         ap.error(f"--replays must be at least 1, got {args.replays}")
+    try:
+        capacities = [int(c) for c in args.max_context.split(",") if c.strip()]
+    except ValueError:
+        ap.error(f"--max-context must be integers separated by commas, got {args.max_context!r}")
+    if not capacities or not 1 <= args.context <= min(capacities) - 9:
+        ap.error(f"--context must be in 1..(smallest --max-context) - 9; got {args.context}, {args.max_context}")
     import torch
 
     from ab_trees_gpu import time_steps, warm_steps
@@ -175,27 +198,44 @@ def main() -> int:
     from engine.loader import load_model
 
     lm = load_model("gemma-4-e4b", device="cuda", dtype=torch.bfloat16, random_weights=True, seed=0)
-    gen = Generator(lm, Knobs(batch_size=1), max_context=1024, use_cuda_graphs=True)
-    gen.prefill(list(range(3, 259)), 0)
-    warm_steps(gen)
-    timed = time_steps(gen, 100, warm=False)
     layers = lm.model.arch.num_layers
-    res = {"weights": "random", "geometry": "gemma-4-e4b", "gpu": torch.cuda.get_device_name(0), "context": 256,
-           "event_timed": timed, "steps": []}
-    print(f"GPU {res['gpu']}; E4B geometry, RANDOM bf16 weights; context 256; event-timed decode "
-          f"{timed['decode_ms']:.3f} ms, verify (9) {timed['verify_ms']:.3f} ms")
-    for width in (1, 9):
-        a = analyse(gen, width, args.replays)
-        res["steps"].append(a)
-        print(f"\nwidth {width}: {a['kernels_per_step']} kernels, kernel span {a['span_us']:.1f} us "
-              f"(profiled, {a['replays']} replays), stage labels aligned: {a['labels_aligned']}")
-        print("  by stage (marginal us / step; per layer): " + ", ".join(
-            f"{s} {v:.0f} ({v / layers:.1f})" for s, v in a["stages_us"].items()))
-        print(f"  {'stage':<6} {'kernel':<32} {'calls':>5} {'marginal us':>12} {'per call':>9} "
-              f"{'duration us':>12} {'share':>7}")
-        for r in a["table"]:
-            print(f"  {r['stage']:<6} {r['kernel']:<32} {r['calls']:>5} {r['marginal_us']:>12.1f} "
-                  f"{r['marginal_per_call_us']:>9.2f} {r['duration_us']:>12.1f} {100 * r['share']:>6.1f}%")
+    res = {"weights": "random", "geometry": "gemma-4-e4b", "gpu": torch.cuda.get_device_name(0),
+           "context": args.context, "runs": []}
+    for capacity in capacities:
+        gen = Generator(lm, Knobs(batch_size=1), max_context=capacity, use_cuda_graphs=True)
+        gen.prefill(list(range(3, 3 + args.context)), 0)
+        warm_steps(gen, args.context)
+        timed = time_steps(gen, 100, warm=False, context=args.context)
+        run = {"max_context": capacity, "event_timed": timed, "steps": []}
+        res["runs"].append(run)
+        print(f"GPU {res['gpu']}; E4B geometry, RANDOM bf16 weights; context {args.context}, {capacity}-slot cache; "
+              f"event-timed decode {timed['decode_ms']:.3f} ms, verify (9) {timed['verify_ms']:.3f} ms")
+        for width in (1, 9):
+            a = analyse(gen, width, args.replays, args.context)
+            run["steps"].append(a)
+            print(f"\nwidth {width}: {a['kernels_per_step']} kernels, kernel span {a['span_us']:.1f} us "
+                  f"(profiled, {a['replays']} replays), stage labels aligned: {a['labels_aligned']}")
+            print("  by stage (marginal us / step; per layer): " + ", ".join(
+                f"{s} {v:.0f} ({v / layers:.1f})" for s, v in a["stages_us"].items()))
+            print(f"  {'stage':<6} {'kernel':<32} {'calls':>5} {'marginal us':>12} {'per call':>9} "
+                  f"{'duration us':>12} {'share':>7}")
+            for r in a["table"]:
+                print(f"  {r['stage']:<6} {r['kernel']:<32} {r['calls']:>5} {r['marginal_us']:>12.1f} "
+                      f"{r['marginal_per_call_us']:>9.2f} {r['duration_us']:>12.1f} {100 * r['share']:>6.1f}%")
+        del gen
+        torch.cuda.empty_cache()
+    first = res["runs"][0]
+    for other in res["runs"][1:]:
+        other["vs_first"] = []
+        for i, width in enumerate((1, 9)):
+            rows = compare(first["steps"][i], other["steps"][i])
+            other["vs_first"].append({"width": width, "rows": rows})
+            print(f"\nwidth {width}: {first['max_context']} -> {other['max_context']} slots, span "
+                  f"{first['steps'][i]['span_us']:.1f} -> {other['steps'][i]['span_us']:.1f} us; kernels that moved most:")
+            print(f"  {'stage':<6} {'kernel':<32} {'calls':>9} {'us a':>9} {'us b':>9} {'diff':>8}")
+            for r in rows:
+                print(f"  {r['stage']:<6} {r['kernel']:<32} {r['calls_a']:>4}/{r['calls_b']:<4} "
+                      f"{r['marginal_us_a']:>9.1f} {r['marginal_us_b']:>9.1f} {r['diff_us']:>8.1f}")
     print(json.dumps(res))
     return 0
 

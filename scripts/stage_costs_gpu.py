@@ -1,6 +1,6 @@
 """What each stage of a decode step costs on the step's critical path, and switch A/Bs, in one process.
 
-E4B geometry, RANDOM bf16 weights, batch 1, context 256, graphed decode (T = 1) and verify (T = 9) steps.
+E4B geometry, RANDOM bf16 weights, batch 1, context 256 (`--context`), graphed decode (T = 1) and verify (T = 9) steps.
 A kernel profile sums kernel durations, but with PDL the graphed step overlaps neighbouring kernels, so a
 kernel's duration is not what it adds to the step. Here each stage (`engine.model.STAGES`) is run twice
 inside the captured step (`engine.model.STAGE_REPEAT`): the extra time over the default step is what one
@@ -10,7 +10,7 @@ The same loop A/Bs module switches that are read at launch (decode attention til
 variant sets its switches, builds its own Generator and captures its graphs, then the switches go back
 to their defaults; the graphs keep what they were captured with. Rounds rotate the variant order; medians.
 
-Usage: python scripts/stage_costs_gpu.py [--rounds 3] [--iters 100] [--only default,rep_attn,...] [--max-context 1024]
+Usage: python scripts/stage_costs_gpu.py [--rounds 3] [--iters 100] [--only default,rep_attn,...] [--max-context 1024] [--context 256]
        python scripts/stage_costs_gpu.py --pick-from run.txt   # env of the fastest bit-exact variant in a run's output
 Prints a table and ends with one JSON line.
 """
@@ -103,7 +103,7 @@ def pick_env(result: dict, min_speedup: float = 1.005) -> str:
     return " ".join(f"{ENV_OF[k]}={int(v)}" for k, v in table[best].items())
 
 
-def build(lm, switches: dict[tuple[str, str], object], max_context: int = 1024):
+def build(lm, switches: dict[tuple[str, str], object], max_context: int = 1024, context: int = 256):
     """A Generator whose decode and verify graphs are captured with `switches` set; restores them after."""
     from ab_trees_gpu import warm_steps
     from engine.generate import Generator
@@ -116,8 +116,8 @@ def build(lm, switches: dict[tuple[str, str], object], max_context: int = 1024):
         setattr(m, attr, value)
     try:
         gen = Generator(lm, Knobs(batch_size=1), max_context=max_context, use_cuda_graphs=True)
-        gen.prefill(list(range(3, 259)), 0)
-        warm_steps(gen)
+        gen.prefill(list(range(3, 3 + context)), 0)
+        warm_steps(gen, context)
     finally:
         for (mod, attr), value in saved.items():
             setattr(importlib.import_module(mod), attr, value)
@@ -129,10 +129,19 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all); 'default' is added")
-    ap.add_argument("--max-context", type=int, default=1024,
-                    help="cache capacity (the full layers' attention splits follow it; bench_e4b_gpu uses 4096)")
+    ap.add_argument("--max-context", default="1024",
+                    help="cache capacity (the full layers' attention splits follow it; bench_e4b_gpu uses 4096); "
+                         "a comma list runs every variant at each, labelled NAME@CAPACITY past the first")
+    ap.add_argument("--context", type=int, default=256, help="prompt tokens before the timed steps (their position)")
     ap.add_argument("--pick-from", default="", help="print the env of the best variant in this run's output, and exit")
     args = ap.parse_args()
+    try:
+        capacities = [int(c) for c in args.max_context.split(",") if c.strip()]
+    except ValueError:
+        ap.error(f"--max-context must be integers separated by commas, got {args.max_context!r}")
+    if not capacities or not 1 <= args.context <= min(capacities) - 9:
+        ap.error(f"--context must be in 1..(smallest --max-context) - 9 (the 9-position verify step must fit the "
+                 f"cache); got --context {args.context}, --max-context {args.max_context}")
     if args.pick_from:
         with open(args.pick_from) as f:
             lines = [ln for ln in f if ln.startswith("{")]
@@ -151,12 +160,14 @@ def main() -> int:
             raise SystemExit(f"unknown variants {unknown}; known: {', '.join(table)}")
         table = {n: table[n] for n in wanted}
     lm = load_model("gemma-4-e4b", device="cuda", dtype=torch.bfloat16, random_weights=True, seed=0)
-    names = list(table)
+    # label -> (variant, capacity); the first capacity's labels are the bare variant names
+    plan = {(n if c == capacities[0] else f"{n}@{c}"): (n, c) for c in capacities for n in table}
+    names = list(plan)
     gens = {}
     runs: dict[str, list[dict]] = {n: [] for n in names}
 
     def timed(r: int, name: str) -> None:
-        runs[name].append(time_steps(gens[name], args.iters, warm=False))
+        runs[name].append(time_steps(gens[name], args.iters, warm=False, context=args.context))
         t = runs[name][-1]  # as it comes, so a run cut short by a time limit still tells something
         print(f"round {r} {name}: decode {t['decode_ms']:.3f} ms, verify {t['verify_ms']:.3f} ms", flush=True)
 
@@ -164,7 +175,8 @@ def main() -> int:
     # a run cut short still has one timing of every variant captured); later rounds rotate the order
     for name in list(names):
         try:
-            gens[name] = build(lm, table[name], args.max_context)
+            variant, capacity = plan[name]
+            gens[name] = build(lm, table[variant], capacity, args.context)
         except Exception as e:  # a variant that fails to compile or capture must not cost the others' timings
             if name == "default":
                 raise
@@ -177,11 +189,11 @@ def main() -> int:
         for name in names[r % len(names):] + names[:r % len(names)]:
             timed(r, name)
     res: dict = {"weights": "random", "geometry": "gemma-4-e4b", "gpu": torch.cuda.get_device_name(0),
-                 "rounds": args.rounds, "iters": args.iters, "context": 256, "max_context": args.max_context, "verify_width": 9, "variants": {}}
+                 "rounds": args.rounds, "iters": args.iters, "context": args.context, "max_context": capacities, "verify_width": 9, "variants": {}}
     base = {k: statistics.median(x[k] for x in runs["default"]) for k in ("decode_ms", "verify_ms")}
     base_sum = sorted({x["checksum"] for x in runs["default"]})
     print(f"GPU {res['gpu']}; E4B geometry, RANDOM bf16 weights; medians of {args.rounds} rounds of {args.iters} steps")
-    print(f"{'variant':<16} {'decode ms':>10} {'verify ms':>10} {'+decode us':>11} {'+verify us':>11} "
+    print(f"{'variant':<20} {'decode ms':>10} {'verify ms':>10} {'+decode us':>11} {'+verify us':>11} "
           f"{'per layer us':>13} {'same bits':>10} {'verify==decode':>15}")
     layers = lm.model.arch.num_layers
     for name in names:
@@ -195,7 +207,7 @@ def main() -> int:
                "speedup_verify": base["verify_ms"] / med["verify_ms"]}
         res["variants"][name] = row
         per_layer = f"{row['extra_decode_us'] / layers:13.2f}" if name.startswith("rep_") else f"{'':>13}"
-        print(f"{name:<16} {med['decode_ms']:>10.3f} {med['verify_ms']:>10.3f} {row['extra_decode_us']:>11.1f} "
+        print(f"{name:<20} {med['decode_ms']:>10.3f} {med['verify_ms']:>10.3f} {row['extra_decode_us']:>11.1f} "
               f"{row['extra_verify_us']:>11.1f} {per_layer} {str(row['same_checksum']):>10} "
               f"{str(row['verify_row0_equals_decode']):>15}")
     print(json.dumps(res))
