@@ -110,7 +110,10 @@ def attn_merge_splits(q: torch.Tensor, o_proj: Linear) -> int:
     if not (FUSED_ATTN_MERGE and rows <= ATTN_MERGE_MAX_ROWS
             and fusable(q.view(rows, -1) if q.is_contiguous() else q.reshape(rows, -1), o_proj.weight)):
         return 0
-    return ATTN_MERGE_MAX_SPLITS
+    from kernels.decode_attention import SEQUENTIAL_MERGE_MAX_SPLITS
+
+    # past stage 2's sequential merge a verify row (stage 2) would no longer match its decode row (merged here)
+    return min(ATTN_MERGE_MAX_SPLITS, SEQUENTIAL_MERGE_MAX_SPLITS)
 
 
 def proj_sandwich(lin: Linear, x, residual: torch.Tensor, w_post: torch.Tensor,

@@ -247,12 +247,32 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_stage2(opart_ptr, lse_ptr, out_ptr, NUM_SPLITS,
-                     D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+                     D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, SEQUENTIAL: tl.constexpr,
+                     PDL: tl.constexpr):
         # One program per (b, t, q head) row; the output is contiguous [B, T, Hq, D].
         pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs_d = tl.arange(0, D)
-        o = merge_splits(opart_ptr, lse_ptr, row + offs_d * 0, offs_d, offs_d < D, NUM_SPLITS, D, BLOCK_S)
+        if SEQUENTIAL:  # the o projection's merge, bit for bit (`merge_splits`)
+            o = merge_splits(opart_ptr, lse_ptr, row + offs_d * 0, offs_d, offs_d < D, NUM_SPLITS, D, BLOCK_S)
+        else:
+            # Many splits (a long linear cache): unrolled, merge_splits issues a dependent lse -> partial load pair
+            # per split, one memory round trip each (H100, 64 splits at D = 512: 131 us a call). Here the lse row
+            # is one vector load and the partials come CHUNK_S splits a load; empty splits load nothing.
+            offs_s = tl.arange(0, BLOCK_S)
+            lse = tl.load(lse_ptr + row * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+            m = tl.max(lse, axis=0)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            denom = tl.sum(tl.exp2(lse - m), axis=0)
+            acc = tl.zeros([CHUNK_S, D], tl.float32)  # elementwise in the loop, reduced after it
+            for s0 in range(0, NUM_SPLITS, CHUNK_S):
+                offs_c = s0 + tl.arange(0, CHUNK_S)
+                w = tl.exp2(tl.load(lse_ptr + row * NUM_SPLITS + offs_c, mask=offs_c < NUM_SPLITS,
+                                    other=float("-inf")) - m)
+                part = tl.load(opart_ptr + (row * NUM_SPLITS + offs_c[:, None]) * D + offs_d[None, :],
+                               mask=(w > 0.0)[:, None], other=0.0)
+                acc += w[:, None] * part
+            o = tl.sum(acc, axis=0) / tl.where(denom == 0.0, 1.0, denom)
         tl.store(out_ptr + row * D + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
@@ -303,6 +323,13 @@ def stage2_block(num_splits: int) -> int:
     return max(2, next_pow2(num_splits))
 
 
+# Stage 2 merges up to this many splits with `merge_splits` (sequential in split order, the bits of the o
+# projection's own merge, `engine.fused_tail`, which therefore defers at most this many), more with the vector
+# merge: another order of the same sums, taken by decode and verify rows alike (row invariance holds).
+SEQUENTIAL_MERGE_MAX_SPLITS = 16
+STAGE2_CHUNK_S = 8  # splits per partial load of the vector merge: [8, 512] fp32 is 32 registers a thread at 4 warps
+
+
 @dataclass(frozen=True)
 class SplitAttention:
     """Stage 1's output before the merge: opart [B*T*Hq, num_splits, D] fp32 partial outputs and lse
@@ -320,7 +347,8 @@ class SplitAttention:
         out = torch.empty(self.shape, dtype=self.dtype, device=self.opart.device)
         D = self.shape[3]
         _attn_stage2[(self.opart.shape[0],)](self.opart, self.lse, out, self.num_splits, D=D,
-                                             BLOCK_S=stage2_block(self.num_splits),
+                                             BLOCK_S=stage2_block(self.num_splits), CHUNK_S=STAGE2_CHUNK_S,
+                                             SEQUENTIAL=self.num_splits <= SEQUENTIAL_MERGE_MAX_SPLITS,
                                              num_warps=4 if D >= 256 else 2, **pdl_flags(self.opart, short=True))
         return out
 

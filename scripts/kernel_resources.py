@@ -181,7 +181,8 @@ def _small_cases() -> list[tuple]:
                       warps_a, da.ATTN_STAGES))
         cases.append((f"_attn_stage2 D {D} splits {splits}", da._attn_stage2, dict(NUM_SPLITS=splits),
                       {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": bf}, (),
-                      dict(D=D, BLOCK_S=da.stage2_block(splits), PDL=True), 4 if D >= 256 else 2, 3))
+                      dict(D=D, BLOCK_S=da.stage2_block(splits), CHUNK_S=da.STAGE2_CHUNK_S,
+                           SEQUENTIAL=splits <= da.SEQUENTIAL_MERGE_MAX_SPLITS, PDL=True), 4 if D >= 256 else 2, 3))
         if splits <= ATTN_MERGE_MAX_SPLITS:  # where engine.fused_tail defers the merge to the o projection
             import kernels.gemv_merged_input as gm
             from kernels._common import next_pow2

@@ -157,6 +157,25 @@ def test_many_rows_several_row_blocks_and_strided_inputs():
     check(q, k, v, slot_pos, q_pos, window=24, scale=0.25, block_m=16, num_splits=2)
 
 
+@pytest.mark.parametrize("num_splits", [17, 20, 37])
+def test_many_splits_vector_merge(num_splits):
+    # past SEQUENTIAL_MERGE_MAX_SPLITS stage 2 takes the vector merge: whole chunks, a partial last chunk, and
+    # empty splits (a hole in stream 0, the unwritten tail of a linear cache) that must weigh nothing
+    B, T, Hq, Hkv, D, S = 2, 2, 4, 2, 16, 16 * num_splits
+    assert num_splits > da.SEQUENTIAL_MERGE_MAX_SPLITS and num_splits % da.STAGE2_CHUNK_S
+    q, k, v = make(B, T, Hq, Hkv, D, S, torch.float32, seed=num_splits)
+    j = torch.arange(S, dtype=torch.int32)
+    slot_pos = torch.stack([torch.where(j < S - 40, j, -1), torch.where(j < 150, j, -1)])
+    slot_pos[0, 32:96] = -1
+    for b in range(B):  # garbage in empty slots must not leak through the merge
+        k[b][:, slot_pos[b] < 0] = float("nan")
+    q_pos = torch.tensor([[S - 42, S - 41], [148, -1]], dtype=torch.int32)
+    out, _ = check(q, k, v, slot_pos, q_pos, window=0, scale=0.25, num_splits=num_splits)
+    one = da.decode_attention_triton(q, k, v, slot_pos, q_pos, 0, 0.25, block_n=16, num_splits=1)
+    assert (out - one).abs().max().item() <= 2e-6
+    assert torch.all(out[1, 1] == 0)
+
+
 def test_many_rows_default_heuristics(row_mode):
     # T*G = 9*4 = 36 rows: three 16-row blocks (row-invariant) or one 64-row block (heuristic)
     B, T, Hq, Hkv, D, S = 2, 9, 8, 2, 16, 300

@@ -104,8 +104,9 @@ def _compile_all() -> int:
               dict(G=4, D=256, BLOCK_M=16, BLOCK_N=bn, NUM_SPLITS=9 if bn == 64 else 5, HAS_SOFTCAP=False,
                    DOT_FP32=False, EAGER_KV=eager, L2_PF=l2_pf, ROW_BYTES=512, BLOCK_T=2, PDL=True),
               warps=warps, bulk_prefetches=3 if l2_pf else 0)
-    build(da._attn_stage2, {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "NUM_SPLITS": i32},
-          dict(D=512, BLOCK_S=32, PDL=2))
+    for block_s, sequential in ((16, True), (64, False)):  # the o projection's merge order; the vector merge
+        build(da._attn_stage2, {"opart_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "NUM_SPLITS": i32},
+              dict(D=512, BLOCK_S=block_s, CHUNK_S=da.STAGE2_CHUNK_S, SEQUENTIAL=sequential, PDL=2))
     for geglu in (True, False):
         build(ge._splitk_act_kernel, {"part_ptr": "*fp32", "o_ptr": "*bf16", "y_ptr": "*bf16", "M": i32, "NY": i32,
                                       "som": i32, "son": i32, "sym": i32, "syn": i32},
