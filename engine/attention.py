@@ -50,20 +50,23 @@ def attend_cache(q: torch.Tensor, cache, positions: torch.Tensor, window: int | 
     `defer_merge_max_splits` > 0 (CUDA only): where the kernel splits the keys into at most that many
     pieces, the unmerged `kernels.decode_attention.SplitAttention` comes back instead, for the o projection
     to merge (`engine.fused_tail.proj_sandwich`)."""
+    # The logical slots only: the trash slot (physical slot `cache.slots`) holds position -1 and is never visible.
+    # Left in, it made a 1024-slot linear cache 17 splits of 64 slots, one past what the o projection merges.
+    n = cache.slots
+    k, v, slot_pos = cache.k[:, :, :n], cache.v[:, :, :n], cache.slot_pos[:, :n]
     if q.is_cuda and _TRITON_ATTENTION:
         from kernels.decode_attention import decode_attention, decode_attention_triton
 
         if defer_merge_max_splits:
-            return decode_attention_triton(q, cache.k, cache.v, cache.slot_pos, positions, window or 0, scale,
+            return decode_attention_triton(q, k, v, slot_pos, positions, window or 0, scale,
                                            softcap, finite_cache=cache.ring,
                                            defer_merge_max_splits=defer_merge_max_splits)
 
         # A ring (sliding layer) is full once a stream passes its window, so its K/V are loaded without
         # waiting for the slot positions; caches start zeroed (engine.cache), so every slot is finite.
         # Linear caches are mostly empty at short contexts: there the visibility mask saves the loads.
-        return decode_attention(q, cache.k, cache.v, cache.slot_pos, positions, window or 0, scale, softcap,
+        return decode_attention(q, k, v, slot_pos, positions, window or 0, scale, softcap,
                                 finite_cache=cache.ring)
-    k, v, slot_pos = cache.k, cache.v, cache.slot_pos
     if not cache.ring and not q.is_cuda:
         # A linear cache holds position p in slot p, so slots past the newest query are never visible:
         # attend over the live prefix only. CPU only: a data-dependent length needs a host read, which a

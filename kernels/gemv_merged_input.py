@@ -11,7 +11,7 @@ holds (configs independent of M, an elementwise prologue).
 
 The price: every program whose K range covers a head reads that head's partials (num_splits x D fp32 per row)
 from L2, N / BLOCK_N times over. At E4B's sliding layers (9 splits of 64 slots since stop 21; 5 before) that is
-a few MB of L2 reads a step per layer; at 65 splits (the global layers' linear cache) it would be ~40 MB or more,
+a few MB of L2 reads a step per layer; at 64 splits (the global layers' 4096-slot linear cache) it would be ~40 MB or more,
 so callers defer the merge only up to a few splits (`engine.fused_tail.ATTN_MERGE_MAX_SPLITS`).
 """
 from __future__ import annotations
