@@ -70,9 +70,13 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
                           (ft, "ATTN_MERGE_MAX_SPLITS"): 8}
     out["pdl_early_pf4"] = {**out["pdl_early"], **out["gemv_pf4"]}
     # splits of >= 128 slots with the stop-21 tiles: a global layer over a 4096-slot cache runs 32 splits, not 64
-    # (stop 22's bench step at 4096 slots was 0.7-0.9 ms slower than at 1024; run these with --max-context 4096)
+    # (stop 22's bench step at 4096 slots was 0.7-0.9 ms slower than at 1024: stage 2's unrolled merge of 65
+    # splits, 131 us a call; stop 23's vector merge fixed it)
     out["attn_split128"] = {(da, "MIN_SPLIT_SLOTS"): 128}
     out["attn_split256"] = {(da, "MIN_SPLIT_SLOTS"): 256}
+    # the global layers (16 splits at 1024 slots) merged by stage 2's vector merge before a plain o GEMV, as at
+    # 4096 slots, where that was 11-13 us faster a step than the o projection merging 16 splits (stop 23)
+    out["merge_max9"] = {(ft, "ATTN_MERGE_MAX_SPLITS"): 9, (da, "SEQUENTIAL_MERGE_MAX_SPLITS"): 9}
     out["head_screen"] = {("kernels.head_argmax", "ENABLED"): True}  # greedy from the int8 screen (off by default)
     first = ("default", "attn_merge_off", "pdl_early", "ple_2launch", "pdl_early_ple2", "attn_merge_all",
              "pdl_early_pf4", "gemv_pf4")
@@ -189,7 +193,8 @@ def main() -> int:
         for name in names[r % len(names):] + names[:r % len(names)]:
             timed(r, name)
     res: dict = {"weights": "random", "geometry": "gemma-4-e4b", "gpu": torch.cuda.get_device_name(0),
-                 "rounds": args.rounds, "iters": args.iters, "context": args.context, "max_context": capacities, "verify_width": 9, "variants": {}}
+                 "rounds": args.rounds, "iters": args.iters, "context": args.context, "max_context": capacities,
+                 "verify_width": 9, "variants": {}}
     base = {k: statistics.median(x[k] for x in runs["default"]) for k in ("decode_ms", "verify_ms")}
     base_sum = sorted({x["checksum"] for x in runs["default"]})
     print(f"GPU {res['gpu']}; E4B geometry, RANDOM bf16 weights; medians of {args.rounds} rounds of {args.iters} steps")
