@@ -77,6 +77,7 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     # the global layers (16 splits at 1024 slots) merged by stage 2's vector merge before a plain o GEMV, as at
     # 4096 slots, where that was 11-13 us faster a step than the o projection merging 16 splits (stop 23)
     out["merge_max9"] = {(ft, "ATTN_MERGE_MAX_SPLITS"): 9, (da, "SEQUENTIAL_MERGE_MAX_SPLITS"): 9}
+    out["merge_max9_seq16"] = {(ft, "ATTN_MERGE_MAX_SPLITS"): 9}  # the same, stage 2 merging 16 splits in order
     out["head_screen"] = {("kernels.head_argmax", "ENABLED"): True}  # greedy from the int8 screen (off by default)
     first = ("default", "attn_merge_off", "pdl_early", "ple_2launch", "pdl_early_ple2", "attn_merge_all",
              "pdl_early_pf4", "gemv_pf4")
