@@ -257,7 +257,7 @@ if HAS_TRITON:
             o = merge_splits(opart_ptr, lse_ptr, row + offs_d * 0, offs_d, offs_d < D, NUM_SPLITS, D, BLOCK_S)
         else:
             # Many splits (a long linear cache): unrolled, merge_splits issues a dependent lse -> partial load pair
-            # per split, one memory round trip each (H100, 64 splits at D = 512: 131 us a call). Here the lse row
+            # per split, one memory round trip each (H100, 65 splits at D = 512: 131 us a call). Here the lse row
             # is one vector load and the partials come CHUNK_S splits a load; empty splits load nothing.
             offs_s = tl.arange(0, BLOCK_S)
             lse = tl.load(lse_ptr + row * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
