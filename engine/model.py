@@ -346,5 +346,5 @@ class GemmaDecoder(nn.Module):
 
             x = hidden.reshape(-1, hidden.shape[-1])
             if head_argmax.ENABLED and head_argmax.supports(x, self.lm_head, self.screened_head):
-                return head_argmax.greedy_ids(x, self.lm_head, self.screened_head).view(hidden.shape[:-1])
+                return head_argmax.greedy_ids(x, self.lm_head, self.screened_head, checked=True).view(hidden.shape[:-1])
         return matmul(hidden, self.lm_head).argmax(dim=-1)

@@ -257,13 +257,14 @@ def supports(x: torch.Tensor, w: torch.Tensor, head: ScreenedHead | None) -> boo
     return resolve_config(x, w)["SPLIT_K"] == 1
 
 
-def greedy_ids(x: torch.Tensor, w: torch.Tensor, head: ScreenedHead) -> torch.Tensor:
+def greedy_ids(x: torch.Tensor, w: torch.Tensor, head: ScreenedHead, checked: bool = False) -> torch.Tensor:
     """argmax_n of (x @ w.T as `kernels.gemv.linear_small_m` computes it) for x [M, K] -> int64 [M], reading
-    the int8 screen and the bf16 rows of the few candidates. Requires `supports(x, w, head)`."""
+    the int8 screen and the bf16 rows of the few candidates. Requires `supports(x, w, head)`; `checked`: the
+    caller has just asked it (the check resolves the GEMV config, host work the decode path need not repeat)."""
     from ._common import tl_dtype
     from .gemv import kernel_flags, resolve_config
 
-    if not supports(x, w, head):
+    if not checked and not supports(x, w, head):
         raise ValueError("greedy_ids: unsupported operands (see kernels.head_argmax.supports)")
     M, K = x.shape
     N = w.shape[0]
