@@ -50,10 +50,7 @@ def attend_cache(q: torch.Tensor, cache, positions: torch.Tensor, window: int | 
     `defer_merge_max_splits` > 0 (CUDA only): where the kernel splits the keys into at most that many
     pieces, the unmerged `kernels.decode_attention.SplitAttention` comes back instead, for the o projection
     to merge (`engine.fused_tail.proj_sandwich`)."""
-    # The logical slots only: the trash slot (physical slot `cache.slots`) holds position -1 and is never visible.
-    # Left in, it made a 1024-slot linear cache 17 splits of 64 slots, one past what the o projection merges.
-    n = cache.slots
-    k, v, slot_pos = cache.k[:, :, :n], cache.v[:, :, :n], cache.slot_pos[:, :n]
+    k, v, slot_pos = cache.logical()  # the trash slot is never visible
     if q.is_cuda and _TRITON_ATTENTION:
         from kernels.decode_attention import decode_attention, decode_attention_triton
 

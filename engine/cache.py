@@ -28,6 +28,12 @@ class LayerCache:
         self.v = torch.zeros_like(self.k)
         self.slot_pos = torch.full((batch, slots + 1), -1, device=device, dtype=torch.int32)
 
+    def logical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k, v, slot_pos) views of the logical slots, the trash slot left out: it is never visible, so
+        attention need not read it (left in, it made a 1024-slot linear cache 17 splits of 64 slots)."""
+        n = self.slots
+        return self.k[:, :, :n], self.v[:, :, :n], self.slot_pos[:, :n]
+
     def slot_of(self, positions: torch.Tensor) -> torch.Tensor:
         """Physical slot of each position; padding (-1) goes to the trash slot."""
         slot = positions.clamp(min=0) % self.slots if self.ring else positions.clamp(min=0)

@@ -124,11 +124,9 @@ def route_decode_as_cuda(monkeypatch) -> None:
         return torch.nn.functional.linear(x, w)
 
     def attend_cache_triton(q, cache, positions, window, scale, softcap, defer_merge_max_splits=0):
-        # the arguments `engine.attention.attend_cache` passes on CUDA (the logical slots, no trash slot)
-        n = cache.slots
-        return da.decode_attention_triton(q, cache.k[:, :, :n], cache.v[:, :, :n], cache.slot_pos[:, :n], positions,
-                                          window or 0, scale, softcap, finite_cache=cache.ring,
-                                          defer_merge_max_splits=defer_merge_max_splits)
+        # the arguments `engine.attention.attend_cache` passes on CUDA
+        return da.decode_attention_triton(q, *cache.logical(), positions, window or 0, scale, softcap,
+                                          finite_cache=cache.ring, defer_merge_max_splits=defer_merge_max_splits)
 
     for name in ROW_INVARIANT_OPS:
         monkeypatch.setattr(ops, name, getattr(ops, name).row_invariant)

@@ -30,14 +30,35 @@ def child(root: str, iters: int) -> dict:
     sys.path.insert(0, root)
     import torch
 
-    from engine.generate import Generator
-    from engine.knobs import Knobs
     from engine.loader import load_model
 
     lm = load_model("gemma-4-e4b", device="cuda", dtype=torch.bfloat16, random_weights=True, seed=0)
-    gen = Generator(lm, Knobs(batch_size=1), max_context=1024, use_cuda_graphs=True)
-    gen.prefill(list(range(3, 259)), 0)
-    return time_steps(gen, iters)
+    return time_steps(prefilled_generator(lm), iters)
+
+
+def prefilled_generator(lm, max_context: int = 1024, context: int = 256):
+    """A batch-1 Generator with CUDA graphs and a `context`-token prompt prefilled (the steps come at its end)."""
+    from engine.generate import Generator
+    from engine.knobs import Knobs
+
+    gen = Generator(lm, Knobs(batch_size=1), max_context=max_context, use_cuda_graphs=True)
+    gen.prefill(list(range(3, 3 + context)), 0)
+    return gen
+
+
+def parse_capacities(ap: argparse.ArgumentParser, max_context: str, context: int) -> list[int]:
+    """The comma-listed `--max-context` capacities; `ap.error` unless each holds `context` tokens and a
+    WIDTH-position verify step after them."""
+    try:
+        capacities = [int(c) for c in max_context.split(",") if c.strip()]
+    except ValueError:
+        ap.error(f"--max-context must be integers separated by commas, got {max_context!r}")
+    if not capacities:
+        ap.error(f"--max-context needs at least one capacity, got {max_context!r}")
+    if not 1 <= context <= min(capacities) - WIDTH:
+        ap.error(f"--context must be in 1..(smallest --max-context) - {WIDTH} (the {WIDTH}-position verify step must "
+                 f"fit the cache); got --context {context}, --max-context {max_context}")
+    return capacities
 
 
 def step_inputs(gen, context: int = 256) -> tuple:

@@ -184,17 +184,11 @@ def main() -> int:
     args = ap.parse_args()
     if args.replays < 1:
         ap.error(f"--replays must be at least 1, got {args.replays}")
-    try:
-        capacities = [int(c) for c in args.max_context.split(",") if c.strip()]
-    except ValueError:
-        ap.error(f"--max-context must be integers separated by commas, got {args.max_context!r}")
-    if not capacities or not 1 <= args.context <= min(capacities) - 9:
-        ap.error(f"--context must be in 1..(smallest --max-context) - 9; got {args.context}, {args.max_context}")
+    from ab_trees_gpu import parse_capacities, prefilled_generator, time_steps, warm_steps
+
+    capacities = parse_capacities(ap, args.max_context, args.context)
     import torch
 
-    from ab_trees_gpu import time_steps, warm_steps
-    from engine.generate import Generator
-    from engine.knobs import Knobs
     from engine.loader import load_model
 
     lm = load_model("gemma-4-e4b", device="cuda", dtype=torch.bfloat16, random_weights=True, seed=0)
@@ -202,8 +196,7 @@ def main() -> int:
     res = {"weights": "random", "geometry": "gemma-4-e4b", "gpu": torch.cuda.get_device_name(0),
            "context": args.context, "runs": []}
     for capacity in capacities:
-        gen = Generator(lm, Knobs(batch_size=1), max_context=capacity, use_cuda_graphs=True)
-        gen.prefill(list(range(3, 3 + args.context)), 0)
+        gen = prefilled_generator(lm, capacity, args.context)
         warm_steps(gen, args.context)
         timed = time_steps(gen, 100, warm=False, context=args.context)
         run = {"max_context": capacity, "event_timed": timed, "steps": []}

@@ -110,9 +110,7 @@ def pick_env(result: dict, min_speedup: float = 1.005) -> str:
 
 def build(lm, switches: dict[tuple[str, str], object], max_context: int = 1024, context: int = 256):
     """A Generator whose decode and verify graphs are captured with `switches` set; restores them after."""
-    from ab_trees_gpu import warm_steps
-    from engine.generate import Generator
-    from engine.knobs import Knobs
+    from ab_trees_gpu import prefilled_generator, warm_steps
 
     saved = {}
     for (mod, attr), value in switches.items():
@@ -120,8 +118,7 @@ def build(lm, switches: dict[tuple[str, str], object], max_context: int = 1024, 
         saved[(mod, attr)] = getattr(m, attr)
         setattr(m, attr, value)
     try:
-        gen = Generator(lm, Knobs(batch_size=1), max_context=max_context, use_cuda_graphs=True)
-        gen.prefill(list(range(3, 3 + context)), 0)
+        gen = prefilled_generator(lm, max_context, context)
         warm_steps(gen, context)
     finally:
         for (mod, attr), value in saved.items():
@@ -140,13 +137,9 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=256, help="prompt tokens before the timed steps (their position)")
     ap.add_argument("--pick-from", default="", help="print the env of the best variant in this run's output, and exit")
     args = ap.parse_args()
-    try:
-        capacities = [int(c) for c in args.max_context.split(",") if c.strip()]
-    except ValueError:
-        ap.error(f"--max-context must be integers separated by commas, got {args.max_context!r}")
-    if not capacities or not 1 <= args.context <= min(capacities) - 9:
-        ap.error(f"--context must be in 1..(smallest --max-context) - 9 (the 9-position verify step must fit the "
-                 f"cache); got --context {args.context}, --max-context {args.max_context}")
+    from ab_trees_gpu import parse_capacities
+
+    capacities = parse_capacities(ap, args.max_context, args.context)
     if args.pick_from:
         with open(args.pick_from) as f:
             lines = [ln for ln in f if ln.startswith("{")]
