@@ -6,11 +6,17 @@ decode step on an H100. Greedy decode needs only the argmax of the bf16 logits t
 
 Measured (H100, stop 22): exact, but slower than the bf16 head, so off by default (`ENABLED`).
 
-1. **screen** (`_screen_kernel`): stream an int8 copy of the head (per-row scale, 0.67 GB). For row r and
-   hidden row x it computes the approximate logit a = scale_r * (x . q_r) and a rigorous error bound
-   B = |x| * err_r, where err_r covers the quantisation residual (Cauchy-Schwarz: |x . (w_r - scale_r q_r)| <=
-   |x| |w_r - scale_r q_r|) and fp32 accumulation in both dots with a wide margin. So the GEMV's fp32 sum E_r
-   lies in [a - B, a + B]. It stores hi = a + B and, per program, max(a - B).
+1. **screen**: stream an int8 copy of the head (per-row scale, 0.67 GB). For row r and hidden row x it computes
+   an approximate logit a and a rigorous error bound B, so the GEMV's fp32 sum E_r lies in [a - B, a + B]. It
+   stores hi = a + B and, per program, max(a - B). Two forms (`SCREEN_DIGITS`):
+   - **digits** (`_digits_kernel` + `_screen_digits_kernel`, the default): x itself becomes two int8 digit rows,
+     x ~ x^ = s_x (d1 + d2 / 254) with s_x = max|x| / 127, so the tensor cores take the int8 head as it is
+     loaded (int8 x int8 -> exact int32 sums; no int8 -> bf16 convert, which held the bf16 form to 0.7-1.1 TB/s).
+     a = scale_r s_x (q_r . d1 + q_r . d2 / 254), and B = |x| err_r + |x - x^| max_r|scale_r q_r|, where
+     |x - x^| <= sqrt(K) s_x DIGIT_RESID (each element is within s_x (0.5 + rounding) / 254 of its digits).
+   - **bf16** (`_screen_kernel`): a = scale_r (x . q_r), the int8 tile converted to x's dtype for the dot.
+   In both, err_r covers the quantisation residual (Cauchy-Schwarz: |x . (w_r - scale_r q_r)| <=
+   |x| |w_r - scale_r q_r|) and fp32 accumulation with a wide margin.
 2. **exact** (`_exact_kernel`): L = max over rows of (a - B) is a lower bound of max E. A row with
    hi < L - U (U: two bf16 half-ulps at the largest magnitude that can tie, see `_exact_kernel`) rounds strictly
    below the winner, so it cannot be the argmax, not even by a tie. Every other row (a median of 17.5 and at
@@ -45,6 +51,16 @@ SCREEN_BLOCK_N = 128
 SCREEN_BLOCK_K = 128
 SCREEN_WARPS = 4
 SCREEN_STAGES = 4
+# The screen's form (module docstring): x as two int8 digit rows and an int8 x int8 dot (True), or the int8
+# tile converted to x's dtype (False, stop 22). The digit form's tile: 64 rows x 256 int8 columns, the same 16 KB
+# a program streams per step as the bf16 GEMV's 64 x 128 tile. Not yet timed on a GPU (stop 24 adds it).
+SCREEN_DIGITS = True
+DIGITS_BLOCK_N = 64
+DIGITS_BLOCK_K = 256
+DIGITS_WARPS = 4
+DIGITS_STAGES = 4
+# |x/s_x - (d1 + d2/254)| per element: 0.5/254 = 0.001969 plus fp32 rounding of x / s_x (a few ulps of 127, 3e-5)
+DIGIT_RESID = 0.0021
 SCREEN_CARRY = False     # load the next int8 tile one iteration ahead by hand (else Triton's pipeliner does)
 SCREEN_M1_CORES = False  # M == 1: CUDA-core multiply + row sum instead of tensor cores on 16 padded rows
 EXACT_CHUNK = 2048    # rows per exact-kernel program (128 programs at E4B)
@@ -62,6 +78,7 @@ class ScreenedHead:
     scale: torch.Tensor   # fp32 [N]
     err: torch.Tensor     # fp32 [N]
     err_max: float        # max(err): bounds every row's error band (the tie margin U uses it)
+    wn_max: float         # >= max_r |scale[r] q[r]|: bounds the digit screen's |x - x^| term
     source_ptr: int       # data_ptr of the bf16 head it was built from (a stale copy is refused)
 
     @property
@@ -77,6 +94,7 @@ def build_screened_head(w: torch.Tensor) -> ScreenedHead:
     q = torch.empty(N, K, dtype=torch.int8, device=w.device)
     scale = torch.empty(N, dtype=torch.float32, device=w.device)
     err = torch.empty(N, dtype=torch.float32, device=w.device)
+    wn_max = 0.0
     for r0 in range(0, N, ROW_CHUNK):
         wf = w[r0:r0 + ROW_CHUNK].float()
         s = wf.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
@@ -86,7 +104,8 @@ def build_screened_head(w: torch.Tensor) -> ScreenedHead:
         q[r0:r0 + ROW_CHUNK] = qi.to(torch.int8)
         scale[r0:r0 + ROW_CHUNK] = s
         err[r0:r0 + ROW_CHUNK] = resid * (1 + ACCUM_SLACK) + ACCUM_SLACK * wn
-    return ScreenedHead(q, scale, err, float(err.max()) if N else 0.0, w.data_ptr())
+        wn_max = max(wn_max, float(torch.linalg.vector_norm(qi * s[:, None], dim=1).max()) * (1 + ACCUM_SLACK))
+    return ScreenedHead(q, scale, err, float(err.max()) if N else 0.0, wn_max, w.data_ptr())
 
 
 def greedy_ids_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -97,10 +116,29 @@ def greedy_ids_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return linear_small_m_triton(x, w).argmax(dim=-1)
 
 
-def screen_bounds_ref(x: torch.Tensor, head: ScreenedHead) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a - B, a + B) [M, N] in fp32 from the int8 copy: the band every GEMV logit lies in (tests)."""
-    a = (x.float() @ head.q.float().T) * head.scale[None, :]
-    b = torch.linalg.vector_norm(x.float(), dim=1)[:, None] * XN_SLACK * head.err[None, :]
+def x_digits_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] as the digit screen sees it: (d1, d2) int8 [M, K] and s_x fp32 [M], x ~ s_x (d1 + d2 / 254)."""
+    xf = x.float()
+    sx = xf.abs().amax(dim=1).clamp_min(1e-30) / 127.0
+    t = xf / sx[:, None]
+    d1 = torch.floor(t + 0.5)
+    d2 = torch.floor((t - d1) * 254.0 + 0.5)
+    return d1.to(torch.int8), d2.to(torch.int8), sx
+
+
+def screen_bounds_ref(x: torch.Tensor, head: ScreenedHead, digits: bool | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a - B, a + B) [M, N] in fp32 from the int8 copy: the band every GEMV logit lies in (tests). `digits`:
+    the screen's form (None: SCREEN_DIGITS)."""
+    xn = torch.linalg.vector_norm(x.float(), dim=1)[:, None] * XN_SLACK
+    b = xn * head.err[None, :]
+    if SCREEN_DIGITS if digits is None else digits:
+        d1, d2, sx = x_digits_ref(x)
+        qf = head.q.float()
+        a = (d1.float() @ qf.T + (d2.float() @ qf.T) / 254.0) * sx[:, None] * head.scale[None, :]
+        b = b + (sx * (x.shape[1] ** 0.5 * DIGIT_RESID * head.wn_max))[:, None]
+    else:
+        a = (x.float() @ head.q.float().T) * head.scale[None, :]
     return a - b, a + b
 
 
@@ -171,8 +209,99 @@ if HAS_TRITON:
             tl.store(xn_ptr + offs_m, xn, mask=m_ok)
 
     @triton.jit
-    def _exact_kernel(x_ptr, w_ptr, hi_ptr, lo_part_ptr, blk_ptr, xn_ptr, best_ptr, best_idx_ptr, M, N, K, sxm, sxk,
-                      swn, swk, P, NG, P2, err_max, CHUNK: tl.constexpr, P_BLOCK: tl.constexpr,
+    def _digits_kernel(x_ptr, d_ptr, sx_ptr, xn_ptr, M, K, sxm, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """Row m of x as two int8 digit rows, d1 in D[0, m] and d2 in D[1, m] (D [2, 16, K]), x ~ s_x (d1 + d2 / 254)
+        with s_x = max|x_m| / 127; s_x and |x_m| in fp32. Two passes over the row (5 KB at E4B, from L1/L2)."""
+        m = tl.program_id(0)
+        pdl_wait(PDL)
+        offs = tl.arange(0, BLOCK_K)
+        row = x_ptr + m * sxm
+        amax2 = tl.zeros([BLOCK_K], tl.float32)  # elementwise across the loop, reduced after it (triton 3.6)
+        sq2 = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax2 = tl.maximum(amax2, tl.abs(v))
+            sq2 += v * v
+        sx = tl.maximum(tl.max(amax2, axis=0), 1e-30) / 127.0
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs
+            t = tl.load(row + ks, mask=ks < K, other=0.0).to(tl.float32) / sx
+            d1 = tl.floor(t + 0.5)  # |t| <= 127 (+ rounding), so |d1| <= 127 and |t - d1| <= 0.5
+            d2 = tl.floor((t - d1) * 254.0 + 0.5)
+            tl.store(d_ptr + m * K + ks, d1.to(tl.int8), mask=ks < K)
+            tl.store(d_ptr + (16 + m) * K + ks, d2.to(tl.int8), mask=ks < K)
+        tl.store(sx_ptr + m, sx)
+        tl.store(xn_ptr + m, tl.sqrt(tl.sum(sq2, axis=0)))
+
+    @triton.jit
+    def _digit_dots(acc1, acc2, d_ptr, offs_d, d_ok, ks, K, qt, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr):
+        """acc += the two digit planes' [16, BLOCK_K] tiles at columns ks dotted with the int8 tile qt [BLOCK_N,
+        BLOCK_K]: exact int32 sums (the interpreter's fp32 dot is exact too: |tile sum| <= BLOCK_K 127^2 < 2^24)."""
+        if EVEN_K:
+            k_ok = d_ok[:, None]
+        else:
+            k_ok = d_ok[:, None] & (ks[None, :] < K)
+        d1 = tl.load(d_ptr + offs_d[:, None] * K + ks[None, :], mask=k_ok, other=0)
+        d2 = tl.load(d_ptr + (16 + offs_d)[:, None] * K + ks[None, :], mask=k_ok, other=0)
+        if DOT_FP32:
+            qf = tl.trans(qt.to(tl.float32))
+            acc1 += tl.dot(d1.to(tl.float32), qf, input_precision="ieee").to(tl.int32)
+            acc2 += tl.dot(d2.to(tl.float32), qf, input_precision="ieee").to(tl.int32)
+        else:
+            acc1 += tl.dot(d1, tl.trans(qt), out_dtype=tl.int32)
+            acc2 += tl.dot(d2, tl.trans(qt), out_dtype=tl.int32)
+        return acc1, acc2
+
+    @triton.jit
+    def _q_tile(q_rows, ks, K, EVEN_K: tl.constexpr):
+        if EVEN_K:
+            return tl.load(q_rows + ks[None, :])
+        return tl.load(q_rows + ks[None, :], mask=ks[None, :] < K, other=0)
+
+    @triton.jit
+    def _screen_digits_kernel(d_ptr, q_ptr, scale_ptr, err_ptr, sx_ptr, xn_ptr, hi_ptr, lo_part_ptr, blk_ptr,
+                              M, N, K, sqn, P, NG, xn_slack, ex_coef, G: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
+                              PDL: tl.constexpr):
+        """The digit form of `_screen_kernel` (same outputs): a = scale s_x (q . d1 + q . d2 / 254) from int8 x int8
+        tensor-core dots; B = |x| xn_slack err + s_x ex_coef (ex_coef = sqrt(K) DIGIT_RESID wn_max). The first two
+        int8 tiles are requested before the PDL wait (weights only); the digits are read after it."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_d = tl.arange(0, 16)
+        d_ok = offs_d < M
+        q_rows = q_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * sqn  # clamped rows, dropped below
+        offs_k = tl.arange(0, BLOCK_K)
+        qt = _q_tile(q_rows, offs_k, K, EVEN_K)
+        qt2 = _q_tile(q_rows, offs_k + BLOCK_K, K, False)  # masked: past K it is zeros
+        pdl_wait(PDL)
+        acc1 = tl.zeros([16, BLOCK_N], tl.int32)
+        acc2 = tl.zeros([16, BLOCK_N], tl.int32)
+        acc1, acc2 = _digit_dots(acc1, acc2, d_ptr, offs_d, d_ok, offs_k, K, qt, DOT_FP32, EVEN_K)
+        acc1, acc2 = _digit_dots(acc1, acc2, d_ptr, offs_d, d_ok, offs_k + BLOCK_K, K, qt2, DOT_FP32, False)
+        for k0 in range(2 * BLOCK_K, K, BLOCK_K):
+            ks = k0 + offs_k
+            acc1, acc2 = _digit_dots(acc1, acc2, d_ptr, offs_d, d_ok, ks, K, _q_tile(q_rows, ks, K, EVEN_K),
+                                     DOT_FP32, EVEN_K)
+        sx = tl.load(sx_ptr + offs_d, mask=d_ok, other=0.0)
+        xn = tl.load(xn_ptr + offs_d, mask=d_ok, other=0.0)
+        scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
+        err = tl.load(err_ptr + offs_n, mask=n_ok, other=0.0)
+        a = (acc1.to(tl.float32) * sx[:, None] + acc2.to(tl.float32) * (sx * (1.0 / 254.0))[:, None]) * scale[None, :]
+        band = (xn * xn_slack)[:, None] * err[None, :] + (sx * ex_coef)[:, None]
+        ok = d_ok[:, None] & n_ok[None, :]
+        hi = a + band
+        tl.store(hi_ptr + offs_d[:, None].to(tl.int64) * N + offs_n[None, :], hi, mask=ok)
+        lo = tl.where(ok, a - band, float("-inf"))
+        tl.store(lo_part_ptr + offs_d * P + pid, tl.max(lo, axis=1), mask=d_ok)
+        groups = tl.max(tl.reshape(tl.where(ok, hi, float("-inf")), [16, BLOCK_N // G, G]), axis=2)
+        offs_g = pid * (BLOCK_N // G) + tl.arange(0, BLOCK_N // G)
+        tl.store(blk_ptr + offs_d[:, None] * NG + offs_g[None, :], groups, mask=d_ok[:, None] & (offs_g[None, :] < NG))
+
+    @triton.jit
+    def _exact_kernel(x_ptr, w_ptr, hi_ptr, lo_part_ptr, blk_ptr, xn_ptr, sx_ptr, best_ptr, best_idx_ptr, M, N, K,
+                      sxm, sxk, swn, swk, P, NG, P2, err_max, ex_coef, CHUNK: tl.constexpr, P_BLOCK: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
                       PREFETCH: tl.constexpr, W_EVICT: tl.constexpr, OUT_DTYPE: tl.constexpr):
@@ -193,8 +322,10 @@ if HAS_TRITON:
         low = tl.max(low2, axis=1)
         # the tie margin: a row can tie the winner only if it lies within one bf16 ulp of it, and
         # ulp(v) <= 2^-7 |v|; every candidate value is at most |L| + 2 * (largest band) in magnitude
+        # (the digit screen's band has the s_x ex_coef term too; the bf16 screen passes ex_coef = 0)
         xn = tl.load(xn_ptr + offs_m, mask=m_ok, other=0.0)
-        margin = 0.015625 * (tl.abs(low) + 2.01 * xn * err_max) + 1e-30
+        sx = tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)
+        margin = 0.015625 * (tl.abs(low) + 2.01 * (xn * err_max + sx * ex_coef)) + 1e-30
         thresh = tl.where(m_ok, low - margin, float("inf"))  # padded rows select nothing
         # which of this chunk's tiles hold a row that can win, from the screen's per-tile maxima (one load)
         NB: tl.constexpr = CHUNK // BLOCK_N
@@ -257,6 +388,55 @@ def supports(x: torch.Tensor, w: torch.Tensor, head: ScreenedHead | None) -> boo
     return resolve_config(x, w)["SPLIT_K"] == 1
 
 
+@dataclass(frozen=True)
+class Screen:
+    """One screen's outputs for x [M, K]: hi [M, N] = a + B, lo_part [M, P] = max(a - B) over each program's rows,
+    blk [M, NG] = max(hi) over each group of G rows, |x| and s_x [M], and the band's digit coefficient."""
+    hi: torch.Tensor
+    lo_part: torch.Tensor
+    blk: torch.Tensor
+    xn: torch.Tensor
+    sx: torch.Tensor
+    ex_coef: float
+    block_n: int
+
+
+def screen(x: torch.Tensor, head: ScreenedHead, G: int) -> Screen:
+    """Launch the screen (`SCREEN_DIGITS`'s form) of x [M, K] (unit column stride) against the int8 head, its
+    per-group maxima over groups of G rows (the exact kernel's GEMV tile)."""
+    M, K = x.shape
+    N = head.q.shape[0]
+    dev = x.device
+    block_n = DIGITS_BLOCK_N if SCREEN_DIGITS else SCREEN_BLOCK_N
+    if block_n % G:
+        raise ValueError(f"the screen's tile of {block_n} rows must be a multiple of the GEMV's tile of {G} rows")
+    P, NG = cdiv(N, block_n), cdiv(N, G)
+    hi = torch.empty(M, N, dtype=torch.float32, device=dev)
+    lo_part = torch.empty(M, P, dtype=torch.float32, device=dev)
+    blk = torch.empty(M, NG, dtype=torch.float32, device=dev)
+    xn = torch.empty(M, dtype=torch.float32, device=dev)
+    if SCREEN_DIGITS:
+        digits = torch.empty(2, 16, K, dtype=torch.int8, device=dev)  # rows past M are never read (masked)
+        sx = torch.empty(M, dtype=torch.float32, device=dev)
+        ex_coef = K ** 0.5 * DIGIT_RESID * head.wn_max
+        _digits_kernel[(M,)](x, digits, sx, xn, M, K, x.stride(0), BLOCK_K=1024, **pdl_flags(x, short=True),
+                             num_warps=4)
+        # int8 x int8 on the tensor cores; exact fp32 dots under the interpreter (its integer dot is not trusted)
+        _screen_digits_kernel[(P,)](digits, head.q, head.scale, head.err, sx, xn, hi, lo_part, blk, M, N, K,
+                                    head.q.stride(0), P, NG, XN_SLACK, ex_coef, G=G, BLOCK_N=block_n,
+                                    BLOCK_K=DIGITS_BLOCK_K, DOT_FP32=INTERPRET, EVEN_K=K % DIGITS_BLOCK_K == 0,
+                                    **pdl_flags(x), num_warps=DIGITS_WARPS, num_stages=DIGITS_STAGES)
+    else:
+        sx, ex_coef = xn, 0.0  # no digit term in the band
+        one_row = M == 1 and SCREEN_M1_CORES
+        _screen_kernel[(P,)](x, head.q, head.scale, head.err, hi, lo_part, blk, xn, M, N, K, x.stride(0),
+                             head.q.stride(0), P, NG, XN_SLACK, G=G, BLOCK_M=1 if one_row else 16, BLOCK_N=block_n,
+                             BLOCK_K=SCREEN_BLOCK_K, DOT_FP32=x.dtype == torch.float32 or INTERPRET,
+                             USE_DOT=not one_row, CARRY=SCREEN_CARRY,
+                             **pdl_flags(x), num_warps=SCREEN_WARPS, num_stages=SCREEN_STAGES)
+    return Screen(hi, lo_part, blk, xn, sx, ex_coef, block_n)
+
+
 def greedy_ids(x: torch.Tensor, w: torch.Tensor, head: ScreenedHead, checked: bool = False) -> torch.Tensor:
     """argmax_n of (x @ w.T as `kernels.gemv.linear_small_m` computes it) for x [M, K] -> int64 [M], reading
     the int8 screen and the bf16 rows of the few candidates. Requires `supports(x, w, head)`; `checked`: the
@@ -268,33 +448,20 @@ def greedy_ids(x: torch.Tensor, w: torch.Tensor, head: ScreenedHead, checked: bo
         raise ValueError("greedy_ids: unsupported operands (see kernels.head_argmax.supports)")
     M, K = x.shape
     N = w.shape[0]
-    dev = x.device
     cfg = resolve_config(x, w)  # the GEMV's own tile: the recomputed logits are its bits
     G = cfg["BLOCK_N"]
-    if SCREEN_BLOCK_N % G:
-        raise ValueError(f"SCREEN_BLOCK_N={SCREEN_BLOCK_N} must be a multiple of the GEMV's tile of {G} rows")
-    P, NG = cdiv(N, SCREEN_BLOCK_N), cdiv(N, G)
-    chunk = max(EXACT_CHUNK // SCREEN_BLOCK_N, 1) * SCREEN_BLOCK_N
+    sc = screen(x if x.stride(1) == 1 else x.contiguous(), head, G)
+    P, NG = sc.lo_part.shape[1], sc.blk.shape[1]
+    chunk = max(EXACT_CHUNK // sc.block_n, 1) * sc.block_n
     P2 = cdiv(N, chunk)
-    hi = torch.empty(M, N, dtype=torch.float32, device=dev)
-    lo_part = torch.empty(M, P, dtype=torch.float32, device=dev)
-    blk = torch.empty(M, NG, dtype=torch.float32, device=dev)
-    xn = torch.empty(M, dtype=torch.float32, device=dev)
-    best = torch.empty(M, P2, dtype=torch.float32, device=dev)
-    best_idx = torch.empty(M, P2, dtype=torch.int32, device=dev)
-    out = torch.empty(M, dtype=torch.int64, device=dev)
-    dot_fp32 = x.dtype == torch.float32 or INTERPRET
-    xs = x if x.stride(1) == 1 else x.contiguous()
-    one_row = M == 1 and SCREEN_M1_CORES
-    _screen_kernel[(P,)](xs, head.q, head.scale, head.err, hi, lo_part, blk, xn, M, N, K, xs.stride(0),
-                         head.q.stride(0), P, NG, XN_SLACK, G=G, BLOCK_M=1 if one_row else 16,
-                         BLOCK_N=SCREEN_BLOCK_N,
-                         BLOCK_K=SCREEN_BLOCK_K, DOT_FP32=dot_fp32, USE_DOT=not one_row, CARRY=SCREEN_CARRY,
-                         **pdl_flags(x), num_warps=SCREEN_WARPS, num_stages=SCREEN_STAGES)
+    best = torch.empty(M, P2, dtype=torch.float32, device=x.device)
+    best_idx = torch.empty(M, P2, dtype=torch.int32, device=x.device)
+    out = torch.empty(M, dtype=torch.int64, device=x.device)
     flags = kernel_flags(x, w, cfg)
     exact_flags = {k: flags[k] for k in ("USE_DOT", "DOT_FP32", "EVEN_K", "PREFETCH", "W_EVICT")}
-    _exact_kernel[(P2,)](x, w, hi, lo_part, blk, xn, best, best_idx, M, N, K, x.stride(0), x.stride(1), w.stride(0),
-                         w.stride(1), P, NG, P2, head.err_max, CHUNK=chunk, P_BLOCK=min(1024, next_pow2(P)),
+    _exact_kernel[(P2,)](x, w, sc.hi, sc.lo_part, sc.blk, sc.xn, sc.sx, best, best_idx, M, N, K, x.stride(0),
+                         x.stride(1), w.stride(0), w.stride(1), P, NG, P2, head.err_max, sc.ex_coef, CHUNK=chunk,
+                         P_BLOCK=min(1024, next_pow2(P)),
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=G, BLOCK_K=cfg["BLOCK_K"],
                          OUT_DTYPE=tl_dtype(x.dtype), **exact_flags, **pdl_flags(x),
                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -48,16 +48,14 @@ def survivors(x: torch.Tensor, head: ha.ScreenedHead) -> list[int]:
 
 
 SWEEP = {  # name -> module globals of kernels.head_argmax
-    "default": {},
-    "carry": {"SCREEN_CARRY": True},
-    "bk128": {"SCREEN_BLOCK_K": 128},
-    "bn128_bk128": {"SCREEN_BLOCK_N": 128, "SCREEN_BLOCK_K": 128},
-    "bk512": {"SCREEN_BLOCK_K": 512},
-    "w8": {"SCREEN_WARPS": 8},
-    "st2": {"SCREEN_STAGES": 2},
-    "st6": {"SCREEN_STAGES": 6},
-    "m1cores": {"SCREEN_M1_CORES": True},
-    "bn128": {"SCREEN_BLOCK_N": 128},
+    "digits": {},  # the default: x as two int8 digit rows, int8 x int8 dots, 64 x 256 tiles
+    "d_bk128": {"DIGITS_BLOCK_K": 128},
+    "d_bn128_bk128": {"DIGITS_BLOCK_N": 128, "DIGITS_BLOCK_K": 128},
+    "d_bk512_st3": {"DIGITS_BLOCK_K": 512, "DIGITS_STAGES": 3},
+    "d_st3": {"DIGITS_STAGES": 3},
+    "d_st6": {"DIGITS_STAGES": 6},
+    "d_w8": {"DIGITS_WARPS": 8},
+    "bf16": {"SCREEN_DIGITS": False},  # stop 22's form at its best tile (128 x 128)
 }
 
 
@@ -66,6 +64,8 @@ def sweep(w: torch.Tensor, head: ha.ScreenedHead, xs: torch.Tensor) -> dict:
     per-kernel device time of one default call from the profiler."""
     out = {}
     ref = {M: ha.greedy_ids_ref(xs[:M].contiguous(), w) for M in (1, 9)}
+    out["gemv_argmax"] = {f"ms_{M}": graphed_ms(lambda: ha.greedy_ids_ref(xs[:M].contiguous(), w)) for M in (1, 9)}
+    print(f"sweep gemv_argmax (the bf16 head it replaces): {out['gemv_argmax']}", flush=True)
     for name, sw in SWEEP.items():
         saved = {k: getattr(ha, k) for k in sw}
         try:

@@ -29,8 +29,13 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(ha, "EXACT_CHUNK", 128)
 
 
-@pytest.mark.parametrize("screen", [{}, {"SCREEN_CARRY": True}, {"SCREEN_M1_CORES": True}, {"SCREEN_BLOCK_N": 64, "SCREEN_BLOCK_K": 256}],
-                         ids=["default", "carry", "m1-cores", "tile-64x256"])
+BF16 = {"SCREEN_DIGITS": False}  # the stop-22 form: the int8 tile converted to x's dtype
+
+
+@pytest.mark.parametrize("screen", [{}, {"DIGITS_BLOCK_K": 64}, BF16, {**BF16, "SCREEN_CARRY": True},
+                                    {**BF16, "SCREEN_M1_CORES": True},
+                                    {**BF16, "SCREEN_BLOCK_N": 64, "SCREEN_BLOCK_K": 256}],
+                         ids=["digits", "digits-bk64", "bf16", "bf16-carry", "bf16-m1-cores", "bf16-tile-64x256"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 3, 16])
 def test_ids_equal_the_gemv_argmax(dtype, M, gemv_mode, screen, monkeypatch):
@@ -74,17 +79,48 @@ def test_flat_logits_recompute_many_rows_and_stay_exact(gemv_mode):
     assert torch.equal(ha.greedy_ids(x, w, head), ha.greedy_ids_ref(x, w))
 
 
+@pytest.mark.parametrize("digits", [True, False], ids=["digits", "bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_band_holds_every_logit_and_few_rows_survive(dtype):
+def test_band_holds_every_logit_and_few_rows_survive(dtype, digits):
     N, K = 4096, 256
     w = rand((N, K), dtype, 8, 0.02)
     x = rand((3, K), dtype, 9)
+    x[1, 7] = 40.0  # an outlier channel: a coarse digit step for the rest of that row
     head = ha.build_screened_head(w)
     exact = x.float() @ w.float().T
-    lo, hi = ha.screen_bounds_ref(x, head)
+    lo, hi = ha.screen_bounds_ref(x, head, digits=digits)
     assert bool((lo <= exact).all()) and bool((exact <= hi).all())
     survivors = (hi >= lo.max(dim=1, keepdim=True).values).sum(dim=1)
     assert int(survivors.max()) <= N // 50, survivors.tolist()  # random weights: a handful of rows
+
+
+@pytest.mark.parametrize("digits", [True, False], ids=["digits", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_band_holds_the_gemv_logits(dtype, digits, monkeypatch):
+    monkeypatch.setattr(ha, "SCREEN_DIGITS", digits)
+    N, K = 520, 320  # ragged against the 64-row tile and the 256-column digit tile
+    w = rand((N, K), dtype, 15, 0.05)
+    x = rand((5, K), dtype, 16)
+    x[2, 3] = 60.0  # an outlier channel
+    x[4] = 0.0
+    head = ha.build_screened_head(w)
+    sc = ha.screen(x, head, G=64)
+    logits = (x.double() @ w.double().T).float()  # the GEMV's fp32 sum is within the slack of this
+    assert bool((sc.hi >= logits).all())
+    per_program = torch.nn.functional.pad(logits, (0, sc.lo_part.shape[1] * sc.block_n - N), value=float("-inf"))
+    assert bool((sc.lo_part <= per_program.view(5, -1, sc.block_n).amax(dim=2)).all())
+    assert torch.allclose(sc.xn, x.float().norm(dim=1), rtol=1e-5)
+
+
+def test_digits_reconstruct_x_within_the_stated_residual():
+    x = rand((4, 300), torch.float32, 14)
+    x[2] = 0.0  # an all-zero row: digits 0, no division by zero
+    x[3, 5] = 1e4  # an outlier
+    d1, d2, sx = ha.x_digits_ref(x)
+    assert d1.abs().max() <= 127 and d2.abs().max() <= 127
+    approx = sx[:, None] * (d1.float() + d2.float() / 254.0)
+    assert bool(((x - approx).abs() <= sx[:, None] * ha.DIGIT_RESID).all())
+    # the kernel's digits give the same screen: its bound holds on the kernel's own output too (tested via ids)
 
 
 def test_supports_refuses_a_stale_or_mismatched_screen():
@@ -106,3 +142,4 @@ def test_build_quantises_within_half_a_step():
     assert head.q.dtype == torch.int8 and int(head.q.abs().max()) == 127
     assert bool(((w - deq).abs() <= head.scale[:, None] * 0.5 + 1e-7).all())
     assert head.nbytes == 50 * 40 + 8 * 50
+    assert head.wn_max >= float(torch.linalg.vector_norm(deq, dim=1).max())
