@@ -51,8 +51,11 @@ FUSED_PLE: bool = os.environ.get("VKAE_FUSED_PLE", "0") != "0"
 # faster); merging at verify widths too made the 9-row verify 0.956x, hence 1 row. Needs FUSED_EPILOGUES too;
 # env VKAE_FUSED_ATTN_MERGE=0 turns it off. Read at call time.
 FUSED_ATTN_MERGE: bool = os.environ.get("VKAE_FUSED_ATTN_MERGE", "1") != "0"
-# 16: E4B's sliding layers split into 9 pieces since stop 21 (64-slot splits, `kernels.decode_attention`)
-ATTN_MERGE_MAX_SPLITS = 16
+# 9: E4B's sliding layers split into 9 pieces since stop 21 (64-slot splits, `kernels.decode_attention`). The global
+# layers (16 splits at 1024 slots, more past it) merge in stage 2 before a plain o GEMV: H100, graphed step at 1024
+# slots, context 768 (`scripts/stage_costs_gpu.py` variant merge_max9_seq16, stop 24): decode 4.198 -> 4.165 ms,
+# verify 4.379 -> 4.376 ms; neutral at 4096 slots (4.184 -> 4.178 ms), where the global layers split 64 ways anyway.
+ATTN_MERGE_MAX_SPLITS = 9
 ATTN_MERGE_MAX_ROWS = 1
 
 

@@ -4,7 +4,8 @@ The tied E4B head is 262,144 rows x 2560 in bf16, 1.34 GB a step: at batch 1 it 
 decode step on an H100. Greedy decode needs only the argmax of the bf16 logits the GEMV would produce
 (`kernels.gemv`, first index on ties), so:
 
-Measured (H100, stop 22): exact, but slower than the bf16 head, so off by default (`ENABLED`).
+Measured (H100, stop 24): the digit screen below makes the greedy head 1.83x faster at M = 1 (on by default,
+`ENABLED`); stop 22's bf16 form was exact but slower than the bf16 GEMV.
 
 1. **screen**: stream an int8 copy of the head (per-row scale, 0.67 GB). For row r and hidden row x it computes
    an approximate logit a and a rigorous error bound B, so the GEMV's fp32 sum E_r lies in [a - B, a + B]. It
@@ -38,11 +39,13 @@ import torch
 
 from ._common import HAS_TRITON, INTERPRET, cdiv, next_pow2, pdl_flags, tl, triton
 
-# Engine switch (env VKAE_SCREENED_HEAD=1 turns it on): greedy decode steps use the screen. Read when the
-# generator prepares the model and at each greedy call (graphs keep what they captured). OFF: exact on an H100 at
-# E4B geometry (no id differed in 3,056 hidden rows; greedy generation identical) but slower than the bf16 GEMV +
-# argmax: the int8 screen kernel streams 0.67 GB at ~0.7-1.1 TB/s, not at the copy bandwidth (see SCREEN_BLOCK_N).
-ENABLED: bool = os.environ.get("VKAE_SCREENED_HEAD", "0") == "1"
+# Engine switch (env VKAE_SCREENED_HEAD=0 turns it off): greedy decode steps use the screen. Read when the
+# generator prepares the model and at each greedy call (graphs keep what they captured). ON since stop 24: the digit
+# screen streams the int8 copy at ~3.0 TB/s. H100, E4B geometry, random bf16 weights: head alone (graphed) 0.437 ->
+# 0.239 ms at M = 1, 0.451 -> 0.316 ms at M = 9; 0 of 3,056 ids differed from the GEMV's argmax; graphed decode step
+# 4.184 -> 3.999 ms (`scripts/stage_costs_gpu.py`, 4096-slot cache, context 768). The stop-22 bf16 form was slower
+# than the GEMV (0.603 ms at M = 1).
+ENABLED: bool = os.environ.get("VKAE_SCREENED_HEAD", "1") != "0"
 # Screen tile: 128 int8 rows x 128 columns (2,048 programs at E4B), the fastest of the stop-22 sweep on an H100
 # (`scripts/check_screened_head_gpu.py --sweep`, head alone, graphed, M = 1 / 9): 0.615 / 0.712 ms, against
 # 1.013 / 1.094 for 64 x 256 and 0.740 / 0.811 for 64 x 256 loaded a tile ahead by hand; 128 x 256 and 64 x 512
@@ -53,7 +56,9 @@ SCREEN_WARPS = 4
 SCREEN_STAGES = 4
 # The screen's form (module docstring): x as two int8 digit rows and an int8 x int8 dot (True), or the int8
 # tile converted to x's dtype (False, stop 22). The digit form's tile: 64 rows x 256 int8 columns, the same 16 KB
-# a program streams per step as the bf16 GEMV's 64 x 128 tile. Not yet timed on a GPU (stop 24 adds it).
+# a program streams per step as the bf16 GEMV's 64 x 128 tile. H100 sweep (head alone, graphed, M = 1 / 9 ms):
+# 64 x 256 x 4 stages 0.248 / 0.382; 64 x 128 0.256 / 0.388; 128 x 128 0.251 / 0.386; 64 x 512 x 3 stages
+# 0.254 / 0.436; 3 / 6 stages 0.250 / 0.383, 0.278 / 0.414; 8 warps 0.256 / 0.391 (`check_screened_head_gpu.py --sweep`).
 SCREEN_DIGITS = True
 DIGITS_BLOCK_N = 64
 DIGITS_BLOCK_K = 256

@@ -74,11 +74,11 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     # splits, 131 us a call; stop 23's vector merge fixed it)
     out["attn_split128"] = {(da, "MIN_SPLIT_SLOTS"): 128}
     out["attn_split256"] = {(da, "MIN_SPLIT_SLOTS"): 256}
-    # the global layers (16 splits at 1024 slots) merged by stage 2's vector merge before a plain o GEMV, as at
-    # 4096 slots, where that was 11-13 us faster a step than the o projection merging 16 splits (stop 23)
-    out["merge_max9"] = {(ft, "ATTN_MERGE_MAX_SPLITS"): 9, (da, "SEQUENTIAL_MERGE_MAX_SPLITS"): 9}
-    out["merge_max9_seq16"] = {(ft, "ATTN_MERGE_MAX_SPLITS"): 9}  # the same, stage 2 merging 16 splits in order
-    out["head_screen"] = {("kernels.head_argmax", "ENABLED"): True}  # greedy from the int8 screen (off by default)
+    # the o projection merging up to 16 splits (the stop-23 default; 9 since stop 24: the global layers' 16 splits at
+    # 1024 slots go to stage 2 and a plain o GEMV), and stage 2 merging past 9 splits with its vector merge
+    out["merge_max16"] = {(ft, "ATTN_MERGE_MAX_SPLITS"): 16}
+    out["merge_max9_vec"] = {(da, "SEQUENTIAL_MERGE_MAX_SPLITS"): 9}
+    out["head_gemv"] = {("kernels.head_argmax", "ENABLED"): False}  # greedy from the bf16 GEMV (the int8 screen off)
     first = ("default", "attn_merge_off", "pdl_early", "ple_2launch", "pdl_early_ple2", "attn_merge_all",
              "pdl_early_pf4", "gemv_pf4")
     return {n: out[n] for n in first} | {n: v for n, v in out.items() if n not in first}
