@@ -18,8 +18,8 @@ Measured (H100, stop 24): the digit screen below makes the greedy head 1.83x fas
    - **bf16** (`_screen_kernel`): a = scale_r (x . q_r), the int8 tile converted to x's dtype for the dot.
    In both, err_r covers the quantisation residual (Cauchy-Schwarz: |x . (w_r - scale_r q_r)| <=
    |x| |w_r - scale_r q_r|) and fp32 accumulation with a wide margin.
-2. **exact** (`_exact_kernel`): L = max over rows of (a - B) is a lower bound of max E. A row with
-   hi < L - U (U: two bf16 half-ulps at the largest magnitude that can tie, see `_exact_kernel`) rounds strictly
+2. **exact** (`_threshold_kernel`, then `_exact_kernel`): L = max over rows of (a - B) is a lower bound of max E. A
+   row with hi < L - U (U: two bf16 half-ulps at the largest magnitude that can tie, see `_threshold_kernel`) rounds strictly
    below the winner, so it cannot be the argmax, not even by a tie. Every other row (a median of 17.5 and at
    most 141 of 262,144 on random E4B weights, H100 stop 22) gets its logit recomputed with the GEMV's own K walk
    (`kernels.gemv._gemv_acc`, the same tile config), so its value is the GEMV's bit for bit; rows not needed point at a needed row's address
@@ -68,7 +68,10 @@ DIGITS_STAGES = 4
 DIGIT_RESID = 0.0021
 SCREEN_CARRY = False     # load the next int8 tile one iteration ahead by hand (else Triton's pipeliner does)
 SCREEN_M1_CORES = False  # M == 1: CUDA-core multiply + row sum instead of tensor cores on 16 padded rows
-EXACT_CHUNK = 2048    # rows per exact-kernel program (128 programs at E4B)
+# Rows per exact-kernel program: 2048 (128 programs at E4B) until stop 24, when each program still reduced all of
+# the screen's lower bounds itself (4,096 x M floats each; now `_threshold_kernel` does it once per row). Fewer rows
+# per program spread a verify step's survivors (a median of ~17 per hidden row, in different tiles) over more SMs.
+EXACT_CHUNK = 2048
 ROW_CHUNK = 16384     # rows quantised at a time when building the copy (bounds the fp32 temporaries)
 # Relative slack on the bound for fp32 rounding: the dots' accumulation error is <= K * 2^-24 * |x| |w|
 # (1.5e-4 at K = 2560) and the norms are computed in fp32; 1e-3 covers both several times over.
@@ -305,8 +308,29 @@ if HAS_TRITON:
         tl.store(blk_ptr + offs_d[:, None] * NG + offs_g[None, :], groups, mask=d_ok[:, None] & (offs_g[None, :] < NG))
 
     @triton.jit
-    def _exact_kernel(x_ptr, w_ptr, hi_ptr, lo_part_ptr, blk_ptr, xn_ptr, sx_ptr, best_ptr, best_idx_ptr, M, N, K,
-                      sxm, sxk, swn, swk, P, NG, P2, err_max, ex_coef, CHUNK: tl.constexpr, P_BLOCK: tl.constexpr,
+    def _threshold_kernel(lo_part_ptr, xn_ptr, sx_ptr, thresh_ptr, P, err_max, ex_coef, P_BLOCK: tl.constexpr,
+                          PDL: tl.constexpr):
+        """thresh[m] = L_m - U_m: L_m = max over the screen's programs of their largest lower bound (a lower bound
+        of row m's winning logit), U_m the tie margin. Once per row, so the exact programs load one number."""
+        m = tl.program_id(0)
+        pdl_wait(PDL)
+        # (elementwise across the loop, reduced after it: a reduction carried through the loop trips an
+        # assertion in triton 3.6's thread-locality pass when its result has two uses)
+        low2 = tl.full([P_BLOCK], float("-inf"), tl.float32)
+        for p0 in range(0, P, P_BLOCK):
+            ps = p0 + tl.arange(0, P_BLOCK)
+            low2 = tl.maximum(low2, tl.load(lo_part_ptr + m * P + ps, mask=ps < P, other=float("-inf")))
+        low = tl.max(low2, axis=0)
+        # the tie margin: a row can tie the winner only if it lies within one bf16 ulp of it, and
+        # ulp(v) <= 2^-7 |v|; every candidate value is at most |L| + 2 * (largest band) in magnitude
+        # (the digit screen's band has the s_x ex_coef term too; the bf16 screen passes ex_coef = 0)
+        xn = tl.load(xn_ptr + m)
+        sx = tl.load(sx_ptr + m)
+        tl.store(thresh_ptr + m, low - (0.015625 * (tl.abs(low) + 2.01 * (xn * err_max + sx * ex_coef)) + 1e-30))
+
+    @triton.jit
+    def _exact_kernel(x_ptr, w_ptr, hi_ptr, thresh_ptr, blk_ptr, best_ptr, best_idx_ptr, M, N, K,
+                      sxm, sxk, swn, swk, NG, P2, CHUNK: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
                       PREFETCH: tl.constexpr, W_EVICT: tl.constexpr, OUT_DTYPE: tl.constexpr):
@@ -315,23 +339,7 @@ if HAS_TRITON:
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         pdl_wait(PDL)
-        # L_m: the largest lower bound of any row's logit
-        # (tiles combined elementwise, reduced after the loop: a reduction carried through the loop trips an
-        # assertion in triton 3.6's thread-locality pass when its result has two uses)
-        low2 = tl.full([BLOCK_M, P_BLOCK], float("-inf"), tl.float32)
-        for p0 in range(0, P, P_BLOCK):
-            ps = p0 + tl.arange(0, P_BLOCK)
-            t = tl.load(lo_part_ptr + offs_m[:, None] * P + ps[None, :], mask=m_ok[:, None] & (ps[None, :] < P),
-                        other=float("-inf"))
-            low2 = tl.maximum(low2, t)
-        low = tl.max(low2, axis=1)
-        # the tie margin: a row can tie the winner only if it lies within one bf16 ulp of it, and
-        # ulp(v) <= 2^-7 |v|; every candidate value is at most |L| + 2 * (largest band) in magnitude
-        # (the digit screen's band has the s_x ex_coef term too; the bf16 screen passes ex_coef = 0)
-        xn = tl.load(xn_ptr + offs_m, mask=m_ok, other=0.0)
-        sx = tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)
-        margin = 0.015625 * (tl.abs(low) + 2.01 * (xn * err_max + sx * ex_coef)) + 1e-30
-        thresh = tl.where(m_ok, low - margin, float("inf"))  # padded rows select nothing
+        thresh = tl.load(thresh_ptr + offs_m, mask=m_ok, other=float("inf"))  # padded rows select nothing
         # which of this chunk's tiles hold a row that can win, from the screen's per-tile maxima (one load)
         NB: tl.constexpr = CHUNK // BLOCK_N
         offs_b = tl.arange(0, NB)
@@ -462,11 +470,13 @@ def greedy_ids(x: torch.Tensor, w: torch.Tensor, head: ScreenedHead, checked: bo
     best = torch.empty(M, P2, dtype=torch.float32, device=x.device)
     best_idx = torch.empty(M, P2, dtype=torch.int32, device=x.device)
     out = torch.empty(M, dtype=torch.int64, device=x.device)
+    thresh = torch.empty(M, dtype=torch.float32, device=x.device)
+    _threshold_kernel[(M,)](sc.lo_part, sc.xn, sc.sx, thresh, P, head.err_max, sc.ex_coef,
+                            P_BLOCK=min(1024, next_pow2(P)), **pdl_flags(x, short=True), num_warps=4)
     flags = kernel_flags(x, w, cfg)
     exact_flags = {k: flags[k] for k in ("USE_DOT", "DOT_FP32", "EVEN_K", "PREFETCH", "W_EVICT")}
-    _exact_kernel[(P2,)](x, w, sc.hi, sc.lo_part, sc.blk, sc.xn, sc.sx, best, best_idx, M, N, K, x.stride(0),
-                         x.stride(1), w.stride(0), w.stride(1), P, NG, P2, head.err_max, sc.ex_coef, CHUNK=chunk,
-                         P_BLOCK=min(1024, next_pow2(P)),
+    _exact_kernel[(P2,)](x, w, sc.hi, thresh, sc.blk, best, best_idx, M, N, K, x.stride(0), x.stride(1),
+                         w.stride(0), w.stride(1), NG, P2, CHUNK=chunk,
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=G, BLOCK_K=cfg["BLOCK_K"],
                          OUT_DTYPE=tl_dtype(x.dtype), **exact_flags, **pdl_flags(x),
                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

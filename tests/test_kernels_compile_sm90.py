@@ -177,13 +177,13 @@ def _compile_all() -> int:
                                          **{k: i32 for k in ("M", "N", "K", "sqn", "P", "NG")},
                                          "xn_slack": "fp32", "ex_coef": "fp32"},
               dict(G=64, BLOCK_N=ha.DIGITS_BLOCK_N, BLOCK_K=ha.DIGITS_BLOCK_K, DOT_FP32=False, EVEN_K=even_k, PDL=True))
+    build(ha._threshold_kernel, {"lo_part_ptr": "*fp32", "xn_ptr": "*fp32", "sx_ptr": "*fp32", "thresh_ptr": "*fp32",
+                                 "P": i32, "err_max": "fp32", "ex_coef": "fp32"}, dict(P_BLOCK=1024, PDL=2))
     for bm, bn, bk in ((16, 64, 128), (1, 16, 256)):
-        build(ha._exact_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "hi_ptr": "*fp32", "lo_part_ptr": "*fp32",
-                                 "blk_ptr": "*fp32", "xn_ptr": "*fp32", "sx_ptr": "*fp32", "best_ptr": "*fp32",
-                                 "best_idx_ptr": "*i32",
-                                 **{k: i32 for k in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "P", "NG", "P2")},
-                                 "err_max": "fp32", "ex_coef": "fp32"},
-              dict(CHUNK=2048, P_BLOCK=1024, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=bm > 1, DOT_FP32=False,
+        build(ha._exact_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "hi_ptr": "*fp32", "thresh_ptr": "*fp32",
+                                 "blk_ptr": "*fp32", "best_ptr": "*fp32", "best_idx_ptr": "*i32",
+                                 **{k: i32 for k in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "NG", "P2")}},
+              dict(CHUNK=2048, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=bm > 1, DOT_FP32=False,
                    EVEN_K=True, PDL=True, PREFETCH=2, W_EVICT="", OUT_DTYPE=tl.bfloat16))
     build(ha._final_kernel, {"best_ptr": "*fp32", "best_idx_ptr": "*i32", "out_ptr": "*i64", "P2": i32},
           dict(BLOCK=128, PDL=2))
