@@ -4,20 +4,18 @@ The tied E4B head is 262,144 rows x 2560 in bf16, 1.34 GB a step: at batch 1 it 
 decode step on an H100. Greedy decode needs only the argmax of the bf16 logits the GEMV would produce
 (`kernels.gemv`, first index on ties), so:
 
-Measured (H100, stop 24): the digit screen below makes the greedy head 1.83x faster at M = 1 (on by default,
-`ENABLED`); stop 22's bf16 form was exact but slower than the bf16 GEMV.
+Measured (H100, stop 24): 1.83x faster than the bf16 GEMV + argmax at M = 1, so on by default (`ENABLED`).
 
-1. **screen**: stream an int8 copy of the head (per-row scale, 0.67 GB). For row r and hidden row x it computes
-   an approximate logit a and a rigorous error bound B, so the GEMV's fp32 sum E_r lies in [a - B, a + B]. It
-   stores hi = a + B and, per program, max(a - B). Two forms (`SCREEN_DIGITS`):
-   - **digits** (`_digits_kernel` + `_screen_digits_kernel`, the default): x itself becomes two int8 digit rows,
-     x ~ x^ = s_x (d1 + d2 / 254) with s_x = max|x| / 127, so the tensor cores take the int8 head as it is
-     loaded (int8 x int8 -> exact int32 sums; no int8 -> bf16 convert, which held the bf16 form to 0.7-1.1 TB/s).
-     a = scale_r s_x (q_r . d1 + q_r . d2 / 254), and B = |x| err_r + |x - x^| max_r|scale_r q_r|, where
-     |x - x^| <= sqrt(K) s_x DIGIT_RESID (each element is within s_x (0.5 + rounding) / 254 of its digits).
-   - **bf16** (`_screen_kernel`): a = scale_r (x . q_r), the int8 tile converted to x's dtype for the dot.
-   In both, err_r covers the quantisation residual (Cauchy-Schwarz: |x . (w_r - scale_r q_r)| <=
-   |x| |w_r - scale_r q_r|) and fp32 accumulation with a wide margin.
+1. **screen** (`_digits_kernel`, then `_screen_digits_kernel`): stream an int8 copy of the head (per-row scale,
+   0.67 GB). For row r and hidden row x it computes an approximate logit a and a rigorous error bound B, so the
+   GEMV's fp32 sum E_r lies in [a - B, a + B]; it stores hi = a + B and, per program, max(a - B). x itself becomes
+   two int8 digit rows, x ~ x^ = s_x (d1 + d2 / 254) with s_x = max|x| / 127, so the tensor cores take the int8
+   head as it is loaded (int8 x int8 -> exact int32 sums). Stop 22's form converted each int8 tile to bf16 for
+   the dot instead, which held it to 0.7-1.1 TB/s (0.603 ms at M = 1, slower than the GEMV; removed at stop 24).
+   a = scale_r s_x (q_r . d1 + q_r . d2 / 254), and B = |x| err_r + |x - x^| max_r|scale_r q_r|, where
+   |x - x^| <= sqrt(K) s_x DIGIT_RESID (each element is within s_x (0.5 + rounding) / 254 of its digits) and
+   err_r covers the quantisation residual (Cauchy-Schwarz: |x . (w_r - scale_r q_r)| <= |x| |w_r - scale_r q_r|)
+   and fp32 accumulation with a wide margin.
 2. **exact** (`_threshold_kernel`, then `_exact_kernel`): L = max over rows of (a - B) is a lower bound of max E. A
    row with hi < L - U (U: two bf16 half-ulps at the largest magnitude that can tie, see `_threshold_kernel`) rounds strictly
    below the winner, so it cannot be the argmax, not even by a tie. Every other row (a median of 17.5 and at
@@ -46,28 +44,16 @@ from ._common import HAS_TRITON, INTERPRET, cdiv, next_pow2, pdl_flags, tl, trit
 # 4.184 -> 3.999 ms (`scripts/stage_costs_gpu.py`, 4096-slot cache, context 768). The stop-22 bf16 form was slower
 # than the GEMV (0.603 ms at M = 1).
 ENABLED: bool = os.environ.get("VKAE_SCREENED_HEAD", "1") != "0"
-# Screen tile: 128 int8 rows x 128 columns (2,048 programs at E4B), the fastest of the stop-22 sweep on an H100
-# (`scripts/check_screened_head_gpu.py --sweep`, head alone, graphed, M = 1 / 9): 0.615 / 0.712 ms, against
-# 1.013 / 1.094 for 64 x 256 and 0.740 / 0.811 for 64 x 256 loaded a tile ahead by hand; 128 x 256 and 64 x 512
-# 3.1 and 12.6 ms (spills). The bf16 GEMV + argmax it replaces takes 0.448 / 0.462 ms: the screen is slower.
-SCREEN_BLOCK_N = 128
-SCREEN_BLOCK_K = 128
-SCREEN_WARPS = 4
-SCREEN_STAGES = 4
-# The screen's form (module docstring): x as two int8 digit rows and an int8 x int8 dot (True), or the int8
-# tile converted to x's dtype (False, stop 22). The digit form's tile: 64 rows x 256 int8 columns, the same 16 KB
-# a program streams per step as the bf16 GEMV's 64 x 128 tile. H100 sweep (head alone, graphed, M = 1 / 9 ms):
+# The screen's tile: 64 rows x 256 int8 columns, the same 16 KB a program streams per step as the bf16 GEMV's
+# 64 x 128 tile. H100 sweep (head alone, graphed, M = 1 / 9 ms; `check_screened_head_gpu.py --sweep`):
 # 64 x 256 x 4 stages 0.248 / 0.382; 64 x 128 0.256 / 0.388; 128 x 128 0.251 / 0.386; 64 x 512 x 3 stages
-# 0.254 / 0.436; 3 / 6 stages 0.250 / 0.383, 0.278 / 0.414; 8 warps 0.256 / 0.391 (`check_screened_head_gpu.py --sweep`).
-SCREEN_DIGITS = True
+# 0.254 / 0.436; 3 / 6 stages 0.250 / 0.383, 0.278 / 0.414; 8 warps 0.256 / 0.391.
 DIGITS_BLOCK_N = 64
 DIGITS_BLOCK_K = 256
 DIGITS_WARPS = 4
 DIGITS_STAGES = 4
 # |x/s_x - (d1 + d2/254)| per element: 0.5/254 = 0.001969 plus fp32 rounding of x / s_x (a few ulps of 127, 3e-5)
 DIGIT_RESID = 0.0021
-SCREEN_CARRY = False     # load the next int8 tile one iteration ahead by hand (else Triton's pipeliner does)
-SCREEN_M1_CORES = False  # M == 1: CUDA-core multiply + row sum instead of tensor cores on 16 padded rows
 # Rows per exact-kernel program: 2048 (128 programs at E4B) until stop 24, when each program still reduced all of
 # the screen's lower bounds itself (4,096 x M floats each; now `_threshold_kernel` does it once per row). Fewer rows
 # per program spread a verify step's survivors (a median of ~17 per hidden row, in different tiles) over more SMs.
@@ -134,87 +120,19 @@ def x_digits_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return d1.to(torch.int8), d2.to(torch.int8), sx
 
 
-def screen_bounds_ref(x: torch.Tensor, head: ScreenedHead, digits: bool | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a - B, a + B) [M, N] in fp32 from the int8 copy: the band every GEMV logit lies in (tests). `digits`:
-    the screen's form (None: SCREEN_DIGITS)."""
-    xn = torch.linalg.vector_norm(x.float(), dim=1)[:, None] * XN_SLACK
-    b = xn * head.err[None, :]
-    if SCREEN_DIGITS if digits is None else digits:
-        d1, d2, sx = x_digits_ref(x)
-        qf = head.q.float()
-        a = (d1.float() @ qf.T + (d2.float() @ qf.T) / 254.0) * sx[:, None] * head.scale[None, :]
-        b = b + (sx * (x.shape[1] ** 0.5 * DIGIT_RESID * head.wn_max))[:, None]
-    else:
-        a = (x.float() @ head.q.float().T) * head.scale[None, :]
+def screen_bounds_ref(x: torch.Tensor, head: ScreenedHead) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a - B, a + B) [M, N] in fp32 from the int8 copy: the band every GEMV logit lies in (tests)."""
+    d1, d2, sx = x_digits_ref(x)
+    qf = head.q.float()
+    a = (d1.float() @ qf.T + (d2.float() @ qf.T) / 254.0) * sx[:, None] * head.scale[None, :]
+    b = torch.linalg.vector_norm(x.float(), dim=1)[:, None] * XN_SLACK * head.err[None, :]
+    b = b + (sx * (x.shape[1] ** 0.5 * DIGIT_RESID * head.wn_max))[:, None]
     return a - b, a + b
 
 
 if HAS_TRITON:
     from ._common import pdl_wait
     from .gemv import _gemv_acc
-
-    @triton.jit
-    def _screen_kernel(x_ptr, q_ptr, scale_ptr, err_ptr, hi_ptr, lo_part_ptr, blk_ptr, xn_ptr, M, N, K, sxm, sqn, P,
-                       NG, xn_slack, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr,
-                       DOT_FP32: tl.constexpr, USE_DOT: tl.constexpr, CARRY: tl.constexpr, PDL: tl.constexpr):
-        """hi[m, n] = a + B for this program's BLOCK_N rows; lo_part[m, pid] = max over them of a - B; blk[m, g] =
-        max of hi over each group g of G rows (the exact kernel's tile); program 0 also stores |x_m| in xn.
-        USE_DOT: tensor cores on 16 padded rows, else (M == 1) a CUDA-core multiply + row sum. CARRY: the next
-        tile is loaded one iteration ahead by hand (else the loop's loads are left to Triton's pipeliner)."""
-        pid = tl.program_id(0)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        offs_m = tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        q_rows = q_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * sqn  # clamped rows, dropped below
-        if USE_DOT:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_N], tl.float32)
-        xsq2 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-        offs_k = tl.arange(0, BLOCK_K)
-        qt = tl.load(q_rows + offs_k[None, :], mask=offs_k[None, :] < K, other=0)  # weights: before the wait
-        pdl_wait(PDL)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + offs_k
-            if CARRY:
-                nxt = tl.load(q_rows + (ks + BLOCK_K)[None, :], mask=(ks + BLOCK_K)[None, :] < K, other=0)
-            else:
-                if k0 > 0:
-                    qt = tl.load(q_rows + ks[None, :], mask=ks[None, :] < K, other=0)
-            xt = tl.load(x_ptr + offs_m[:, None] * sxm + ks[None, :], mask=m_ok[:, None] & (ks[None, :] < K),
-                         other=0.0)
-            xf = xt.to(tl.float32)
-            xsq2 += xf * xf
-            if USE_DOT:
-                if DOT_FP32:  # fp32 inputs, or bf16 under the interpreter (its bf16 dot is wrong): exact fp32 dot
-                    acc += tl.dot(xf, tl.trans(qt.to(tl.float32)), input_precision="ieee")
-                else:  # int8 -> bf16/fp16 is exact (|q| <= 127); tensor cores, fp32 accumulation
-                    acc += tl.dot(xt, tl.trans(qt.to(xt.dtype)))
-            else:
-                acc += tl.sum(qt.to(tl.float32) * tl.sum(xf, axis=0)[None, :], axis=1)
-            if CARRY:
-                qt = nxt
-        scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
-        err = tl.load(err_ptr + offs_n, mask=n_ok, other=0.0)
-        if USE_DOT:
-            a = acc * scale[None, :]
-        else:
-            a = (acc * scale)[None, :]
-        xn = tl.sqrt(tl.sum(xsq2, axis=1))
-        band = (xn * xn_slack)[:, None] * err[None, :]
-        ok = m_ok[:, None] & n_ok[None, :]
-        hi = a + band
-        tl.store(hi_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], hi, mask=ok)
-        lo = tl.where(ok, a - band, float("-inf"))
-        tl.store(lo_part_ptr + offs_m * P + pid, tl.max(lo, axis=1), mask=m_ok)
-        groups = tl.max(tl.reshape(tl.where(ok, hi, float("-inf")), [BLOCK_M, BLOCK_N // G, G]), axis=2)
-        offs_g = pid * (BLOCK_N // G) + tl.arange(0, BLOCK_N // G)
-        tl.store(blk_ptr + offs_m[:, None] * NG + offs_g[None, :], groups, mask=m_ok[:, None] & (offs_g[None, :] < NG))
-        if pid == 0:
-            tl.store(xn_ptr + offs_m, xn, mask=m_ok)
 
     @triton.jit
     def _digits_kernel(x_ptr, d_ptr, sx_ptr, xn_ptr, M, K, sxm, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
@@ -271,9 +189,10 @@ if HAS_TRITON:
                               M, N, K, sqn, P, NG, xn_slack, ex_coef, G: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
                               PDL: tl.constexpr):
-        """The digit form of `_screen_kernel` (same outputs): a = scale s_x (q . d1 + q . d2 / 254) from int8 x int8
-        tensor-core dots; B = |x| xn_slack err + s_x ex_coef (ex_coef = sqrt(K) DIGIT_RESID wn_max). The first two
-        int8 tiles are requested before the PDL wait (weights only); the digits are read after it."""
+        """hi[m, n] = a + B for this program's BLOCK_N rows; lo_part[m, pid] = max over them of a - B; blk[m, g] =
+        max of hi over each group g of G rows (the exact kernel's tile). a = scale s_x (q . d1 + q . d2 / 254) from
+        int8 x int8 tensor-core dots; B = |x| xn_slack err + s_x ex_coef (ex_coef = sqrt(K) DIGIT_RESID wn_max). The
+        first two int8 tiles are requested before the PDL wait (weights only); the digits are read after it."""
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -415,12 +334,12 @@ class Screen:
 
 
 def screen(x: torch.Tensor, head: ScreenedHead, G: int) -> Screen:
-    """Launch the screen (`SCREEN_DIGITS`'s form) of x [M, K] (unit column stride) against the int8 head, its
-    per-group maxima over groups of G rows (the exact kernel's GEMV tile)."""
+    """Launch the screen of x [M, K] (unit column stride) against the int8 head, its per-group maxima over groups
+    of G rows (the exact kernel's GEMV tile)."""
     M, K = x.shape
     N = head.q.shape[0]
     dev = x.device
-    block_n = DIGITS_BLOCK_N if SCREEN_DIGITS else SCREEN_BLOCK_N
+    block_n = DIGITS_BLOCK_N
     if block_n % G:
         raise ValueError(f"the screen's tile of {block_n} rows must be a multiple of the GEMV's tile of {G} rows")
     P, NG = cdiv(N, block_n), cdiv(N, G)
@@ -428,25 +347,15 @@ def screen(x: torch.Tensor, head: ScreenedHead, G: int) -> Screen:
     lo_part = torch.empty(M, P, dtype=torch.float32, device=dev)
     blk = torch.empty(M, NG, dtype=torch.float32, device=dev)
     xn = torch.empty(M, dtype=torch.float32, device=dev)
-    if SCREEN_DIGITS:
-        digits = torch.empty(2, 16, K, dtype=torch.int8, device=dev)  # rows past M are never read (masked)
-        sx = torch.empty(M, dtype=torch.float32, device=dev)
-        ex_coef = K ** 0.5 * DIGIT_RESID * head.wn_max
-        _digits_kernel[(M,)](x, digits, sx, xn, M, K, x.stride(0), BLOCK_K=1024, **pdl_flags(x, short=True),
-                             num_warps=4)
-        # int8 x int8 on the tensor cores; exact fp32 dots under the interpreter (its integer dot is not trusted)
-        _screen_digits_kernel[(P,)](digits, head.q, head.scale, head.err, sx, xn, hi, lo_part, blk, M, N, K,
-                                    head.q.stride(0), P, NG, XN_SLACK, ex_coef, G=G, BLOCK_N=block_n,
-                                    BLOCK_K=DIGITS_BLOCK_K, DOT_FP32=INTERPRET, EVEN_K=K % DIGITS_BLOCK_K == 0,
-                                    **pdl_flags(x), num_warps=DIGITS_WARPS, num_stages=DIGITS_STAGES)
-    else:
-        sx, ex_coef = xn, 0.0  # no digit term in the band
-        one_row = M == 1 and SCREEN_M1_CORES
-        _screen_kernel[(P,)](x, head.q, head.scale, head.err, hi, lo_part, blk, xn, M, N, K, x.stride(0),
-                             head.q.stride(0), P, NG, XN_SLACK, G=G, BLOCK_M=1 if one_row else 16, BLOCK_N=block_n,
-                             BLOCK_K=SCREEN_BLOCK_K, DOT_FP32=x.dtype == torch.float32 or INTERPRET,
-                             USE_DOT=not one_row, CARRY=SCREEN_CARRY,
-                             **pdl_flags(x), num_warps=SCREEN_WARPS, num_stages=SCREEN_STAGES)
+    digits = torch.empty(2, 16, K, dtype=torch.int8, device=dev)  # rows past M are never read (masked)
+    sx = torch.empty(M, dtype=torch.float32, device=dev)
+    ex_coef = K ** 0.5 * DIGIT_RESID * head.wn_max
+    _digits_kernel[(M,)](x, digits, sx, xn, M, K, x.stride(0), BLOCK_K=1024, **pdl_flags(x, short=True), num_warps=4)
+    # int8 x int8 on the tensor cores; exact fp32 dots under the interpreter (its integer dot is not trusted)
+    _screen_digits_kernel[(P,)](digits, head.q, head.scale, head.err, sx, xn, hi, lo_part, blk, M, N, K,
+                                head.q.stride(0), P, NG, XN_SLACK, ex_coef, G=G, BLOCK_N=block_n,
+                                BLOCK_K=DIGITS_BLOCK_K, DOT_FP32=INTERPRET, EVEN_K=K % DIGITS_BLOCK_K == 0,
+                                **pdl_flags(x), num_warps=DIGITS_WARPS, num_stages=DIGITS_STAGES)
     return Screen(hi, lo_part, blk, xn, sx, ex_coef, block_n)
 
 

@@ -55,7 +55,6 @@ SWEEP = {  # name -> module globals of kernels.head_argmax
     "d_st3": {"DIGITS_STAGES": 3},
     "d_st6": {"DIGITS_STAGES": 6},
     "d_w8": {"DIGITS_WARPS": 8},
-    "bf16": {"SCREEN_DIGITS": False},  # stop 22's form at its best tile (128 x 128)
     "exact_chunk1024": {"EXACT_CHUNK": 1024},  # rows per exact-kernel program (default 2048)
     "exact_chunk256": {"EXACT_CHUNK": 256},
     "exact_chunk64": {"EXACT_CHUNK": 64},

@@ -158,16 +158,9 @@ def _compile_all() -> int:
                **{k: i32 for k in ("T", "P", "s_ctx", "stb", "stt", "s_ple", "s_out")},
                "ctx_scale": "fp32", "tok_scale": "fp32", "eps": "fp32"},
               dict(BLOCK_P=256, EARLY_TOKENS=early, PDL=pdl), warps=dp._warps(256))
-    # the int8-screened greedy head: screen, exact recompute (tensor-core and M == 1 GEMV tiles), final argmax
+    # the int8-screened greedy head: digits, screen, threshold, exact recompute (tensor-core and M == 1 GEMV tiles), final argmax
     import kernels.head_argmax as ha
 
-    for use_dot, carry in ((True, False), (True, True), (False, False)):
-        build(ha._screen_kernel, {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", "err_ptr": "*fp32",
-                                  "hi_ptr": "*fp32", "lo_part_ptr": "*fp32", "blk_ptr": "*fp32",
-                                  "xn_ptr": "*fp32", **{k: i32 for k in ("M", "N", "K", "sxm", "sqn", "P", "NG")},
-                                  "xn_slack": "fp32"},
-              dict(G=64 if use_dot else 16, BLOCK_M=16 if use_dot else 1, BLOCK_N=ha.SCREEN_BLOCK_N, BLOCK_K=ha.SCREEN_BLOCK_K, DOT_FP32=False,
-                   USE_DOT=use_dot, CARRY=carry, PDL=True))
     build(ha._digits_kernel, {"x_ptr": "*bf16", "d_ptr": "*i8", "sx_ptr": "*fp32", "xn_ptr": "*fp32",
                               **{k: i32 for k in ("M", "K", "sxm")}}, dict(BLOCK_K=1024, PDL=2))
     for even_k in (True, False):  # int8 x int8 tensor-core dots (mma s8 -> s32)
