@@ -54,9 +54,10 @@ DIGITS_WARPS = 4
 DIGITS_STAGES = 4
 # |x/s_x - (d1 + d2/254)| per element: 0.5/254 = 0.001969 plus fp32 rounding of x / s_x (a few ulps of 127, 3e-5)
 DIGIT_RESID = 0.0021
-# Rows per exact-kernel program: 2048 (128 programs at E4B) until stop 24, when each program still reduced all of
-# the screen's lower bounds itself (4,096 x M floats each; now `_threshold_kernel` does it once per row). Fewer rows
-# per program spread a verify step's survivors (a median of ~17 per hidden row, in different tiles) over more SMs.
+# Rows per exact-kernel program (128 programs at E4B). Fewer rows per program would spread a verify step's survivors
+# (a median of ~17 per hidden row, in different tiles) over more SMs, now that `_threshold_kernel` reduces the
+# screen's lower bounds once per row instead of in every program; not yet timed (`check_screened_head_gpu.py` and
+# `stage_costs_gpu.py` variants exact_chunk*).
 EXACT_CHUNK = 2048
 ROW_CHUNK = 16384     # rows quantised at a time when building the copy (bounds the fp32 temporaries)
 # Relative slack on the bound for fp32 rounding: the dots' accumulation error is <= K * 2^-24 * |x| |w|
@@ -77,7 +78,12 @@ class ScreenedHead:
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + 4 * (self.scale.numel() + self.err.numel())
+        return screen_nbytes(*self.q.shape)
+
+
+def screen_nbytes(rows: int, cols: int) -> int:
+    """Device bytes of the screen of a [rows, cols] head: int8 q plus fp32 scale and err per row."""
+    return rows * cols + 8 * rows
 
 
 def build_screened_head(w: torch.Tensor) -> ScreenedHead:
@@ -135,8 +141,9 @@ if HAS_TRITON:
     from .gemv import _gemv_acc
 
     @triton.jit
-    def _digits_kernel(x_ptr, d_ptr, sx_ptr, xn_ptr, M, K, sxm, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        """Row m of x as two int8 digit rows, d1 in D[0, m] and d2 in D[1, m] (D [2, 16, K]), x ~ s_x (d1 + d2 / 254)
+    def _digits_kernel(x_ptr, d_ptr, sx_ptr, xn_ptr, K, sxm, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PDL: tl.constexpr):
+        """Row m of x as two int8 digit rows, d1 in D[0, m] and d2 in D[1, m] (D [2, ROWS, K]), x ~ s_x (d1 + d2 / 254)
         with s_x = max|x_m| / 127; s_x and |x_m| in fp32. Two passes over the row (5 KB at E4B, from L1/L2)."""
         m = tl.program_id(0)
         pdl_wait(PDL)
@@ -155,20 +162,21 @@ if HAS_TRITON:
             d1 = tl.floor(t + 0.5)  # |t| <= 127 (+ rounding), so |d1| <= 127 and |t - d1| <= 0.5
             d2 = tl.floor((t - d1) * 254.0 + 0.5)
             tl.store(d_ptr + m * K + ks, d1.to(tl.int8), mask=ks < K)
-            tl.store(d_ptr + (16 + m) * K + ks, d2.to(tl.int8), mask=ks < K)
+            tl.store(d_ptr + (ROWS + m) * K + ks, d2.to(tl.int8), mask=ks < K)
         tl.store(sx_ptr + m, sx)
         tl.store(xn_ptr + m, tl.sqrt(tl.sum(sq2, axis=0)))
 
     @triton.jit
-    def _digit_dots(acc1, acc2, d_ptr, offs_d, d_ok, ks, K, qt, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr):
-        """acc += the two digit planes' [16, BLOCK_K] tiles at columns ks dotted with the int8 tile qt [BLOCK_N,
+    def _digit_dots(acc1, acc2, d_ptr, offs_d, d_ok, ks, K, qt, ROWS: tl.constexpr, DOT_FP32: tl.constexpr,
+                    EVEN_K: tl.constexpr):
+        """acc += the two digit planes' [ROWS, BLOCK_K] tiles at columns ks dotted with the int8 tile qt [BLOCK_N,
         BLOCK_K]: exact int32 sums (the interpreter's fp32 dot is exact too: |tile sum| <= BLOCK_K 127^2 < 2^24)."""
         if EVEN_K:
             k_ok = d_ok[:, None]
         else:
             k_ok = d_ok[:, None] & (ks[None, :] < K)
         d1 = tl.load(d_ptr + offs_d[:, None] * K + ks[None, :], mask=k_ok, other=0)
-        d2 = tl.load(d_ptr + (16 + offs_d)[:, None] * K + ks[None, :], mask=k_ok, other=0)
+        d2 = tl.load(d_ptr + (ROWS + offs_d)[:, None] * K + ks[None, :], mask=k_ok, other=0)
         if DOT_FP32:
             qf = tl.trans(qt.to(tl.float32))
             acc1 += tl.dot(d1.to(tl.float32), qf, input_precision="ieee").to(tl.int32)
@@ -186,9 +194,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _screen_digits_kernel(d_ptr, q_ptr, scale_ptr, err_ptr, sx_ptr, xn_ptr, hi_ptr, lo_part_ptr, blk_ptr,
-                              M, N, K, sqn, P, NG, xn_slack, ex_coef, G: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
-                              PDL: tl.constexpr):
+                              M, N, K, sqn, P, NG, xn_slack, ex_coef, ROWS: tl.constexpr, G: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+                              EVEN_K: tl.constexpr, PDL: tl.constexpr):
         """hi[m, n] = a + B for this program's BLOCK_N rows; lo_part[m, pid] = max over them of a - B; blk[m, g] =
         max of hi over each group g of G rows (the exact kernel's tile). a = scale s_x (q . d1 + q . d2 / 254) from
         int8 x int8 tensor-core dots; B = |x| xn_slack err + s_x ex_coef (ex_coef = sqrt(K) DIGIT_RESID wn_max). The
@@ -196,21 +204,21 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        offs_d = tl.arange(0, 16)
+        offs_d = tl.arange(0, ROWS)
         d_ok = offs_d < M
         q_rows = q_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * sqn  # clamped rows, dropped below
         offs_k = tl.arange(0, BLOCK_K)
         qt = _q_tile(q_rows, offs_k, K, EVEN_K)
         qt2 = _q_tile(q_rows, offs_k + BLOCK_K, K, False)  # masked: past K it is zeros
         pdl_wait(PDL)
-        acc1 = tl.zeros([16, BLOCK_N], tl.int32)
-        acc2 = tl.zeros([16, BLOCK_N], tl.int32)
-        acc1, acc2 = _digit_dots(acc1, acc2, d_ptr, offs_d, d_ok, offs_k, K, qt, DOT_FP32, EVEN_K)
-        acc1, acc2 = _digit_dots(acc1, acc2, d_ptr, offs_d, d_ok, offs_k + BLOCK_K, K, qt2, DOT_FP32, False)
+        acc1 = tl.zeros([ROWS, BLOCK_N], tl.int32)
+        acc2 = tl.zeros([ROWS, BLOCK_N], tl.int32)
+        acc1, acc2 = _digit_dots(acc1, acc2, d_ptr, offs_d, d_ok, offs_k, K, qt, ROWS, DOT_FP32, EVEN_K)
+        acc1, acc2 = _digit_dots(acc1, acc2, d_ptr, offs_d, d_ok, offs_k + BLOCK_K, K, qt2, ROWS, DOT_FP32, False)
         for k0 in range(2 * BLOCK_K, K, BLOCK_K):
             ks = k0 + offs_k
             acc1, acc2 = _digit_dots(acc1, acc2, d_ptr, offs_d, d_ok, ks, K, _q_tile(q_rows, ks, K, EVEN_K),
-                                     DOT_FP32, EVEN_K)
+                                     ROWS, DOT_FP32, EVEN_K)
         sx = tl.load(sx_ptr + offs_d, mask=d_ok, other=0.0)
         xn = tl.load(xn_ptr + offs_d, mask=d_ok, other=0.0)
         scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
@@ -222,7 +230,7 @@ if HAS_TRITON:
         tl.store(hi_ptr + offs_d[:, None].to(tl.int64) * N + offs_n[None, :], hi, mask=ok)
         lo = tl.where(ok, a - band, float("-inf"))
         tl.store(lo_part_ptr + offs_d * P + pid, tl.max(lo, axis=1), mask=d_ok)
-        groups = tl.max(tl.reshape(tl.where(ok, hi, float("-inf")), [16, BLOCK_N // G, G]), axis=2)
+        groups = tl.max(tl.reshape(tl.where(ok, hi, float("-inf")), [ROWS, BLOCK_N // G, G]), axis=2)
         offs_g = pid * (BLOCK_N // G) + tl.arange(0, BLOCK_N // G)
         tl.store(blk_ptr + offs_d[:, None] * NG + offs_g[None, :], groups, mask=d_ok[:, None] & (offs_g[None, :] < NG))
 
@@ -242,7 +250,7 @@ if HAS_TRITON:
         low = tl.max(low2, axis=0)
         # the tie margin: a row can tie the winner only if it lies within one bf16 ulp of it, and
         # ulp(v) <= 2^-7 |v|; every candidate value is at most |L| + 2 * (largest band) in magnitude
-        # (the digit screen's band has the s_x ex_coef term too; the bf16 screen passes ex_coef = 0)
+        # (the band's digit term s_x ex_coef included)
         xn = tl.load(xn_ptr + m)
         sx = tl.load(sx_ptr + m)
         tl.store(thresh_ptr + m, low - (0.015625 * (tl.abs(low) + 2.01 * (xn * err_max + sx * ex_coef)) + 1e-30))
@@ -347,13 +355,16 @@ def screen(x: torch.Tensor, head: ScreenedHead, G: int) -> Screen:
     lo_part = torch.empty(M, P, dtype=torch.float32, device=dev)
     blk = torch.empty(M, NG, dtype=torch.float32, device=dev)
     xn = torch.empty(M, dtype=torch.float32, device=dev)
-    digits = torch.empty(2, 16, K, dtype=torch.int8, device=dev)  # rows past M are never read (masked)
+    from .gemv import MAX_M  # the digit rows pad to the GEMV's 16-row tensor-core tile (`supports` caps M there)
+
+    digits = torch.empty(2, MAX_M, K, dtype=torch.int8, device=dev)  # rows past M are never read (masked)
     sx = torch.empty(M, dtype=torch.float32, device=dev)
     ex_coef = K ** 0.5 * DIGIT_RESID * head.wn_max
-    _digits_kernel[(M,)](x, digits, sx, xn, M, K, x.stride(0), BLOCK_K=1024, **pdl_flags(x, short=True), num_warps=4)
+    _digits_kernel[(M,)](x, digits, sx, xn, K, x.stride(0), ROWS=MAX_M, BLOCK_K=1024, **pdl_flags(x, short=True),
+                         num_warps=4)
     # int8 x int8 on the tensor cores; exact fp32 dots under the interpreter (its integer dot is not trusted)
     _screen_digits_kernel[(P,)](digits, head.q, head.scale, head.err, sx, xn, hi, lo_part, blk, M, N, K,
-                                head.q.stride(0), P, NG, XN_SLACK, ex_coef, G=G, BLOCK_N=block_n,
+                                head.q.stride(0), P, NG, XN_SLACK, ex_coef, ROWS=MAX_M, G=G, BLOCK_N=block_n,
                                 BLOCK_K=DIGITS_BLOCK_K, DOT_FP32=INTERPRET, EVEN_K=K % DIGITS_BLOCK_K == 0,
                                 **pdl_flags(x), num_warps=DIGITS_WARPS, num_stages=DIGITS_STAGES)
     return Screen(hi, lo_part, blk, xn, sx, ex_coef, block_n)

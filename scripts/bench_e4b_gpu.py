@@ -298,7 +298,7 @@ def main() -> int:
     from kernels import head_argmax
 
     head_bytes = arch.vocab_size * arch.hidden_size * 2
-    screen_bytes = arch.vocab_size * (arch.hidden_size + 8)
+    screen_bytes = head_argmax.screen_nbytes(arch.vocab_size, arch.hidden_size)
     res["engine_greedy_head"] = "int8 digit screen + exact rows" if head_argmax.ENABLED else "bf16 GEMV + argmax"
     res["engine_bytes_per_token"] = touched - head_bytes + screen_bytes if head_argmax.ENABLED else touched
     res["engine_own_floor_fraction"] = res["engine_tps"] * res["engine_bytes_per_token"] / (res["copy_bandwidth_gbs"] * 1e9)

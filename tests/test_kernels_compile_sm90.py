@@ -162,14 +162,14 @@ def _compile_all() -> int:
     import kernels.head_argmax as ha
 
     build(ha._digits_kernel, {"x_ptr": "*bf16", "d_ptr": "*i8", "sx_ptr": "*fp32", "xn_ptr": "*fp32",
-                              **{k: i32 for k in ("M", "K", "sxm")}}, dict(BLOCK_K=1024, PDL=2))
+                              **{k: i32 for k in ("K", "sxm")}}, dict(ROWS=16, BLOCK_K=1024, PDL=2))
     for even_k in (True, False):  # int8 x int8 tensor-core dots (mma s8 -> s32)
         build(ha._screen_digits_kernel, {"d_ptr": "*i8", "q_ptr": "*i8", "scale_ptr": "*fp32", "err_ptr": "*fp32",
                                          "sx_ptr": "*fp32", "xn_ptr": "*fp32", "hi_ptr": "*fp32",
                                          "lo_part_ptr": "*fp32", "blk_ptr": "*fp32",
                                          **{k: i32 for k in ("M", "N", "K", "sqn", "P", "NG")},
                                          "xn_slack": "fp32", "ex_coef": "fp32"},
-              dict(G=64, BLOCK_N=ha.DIGITS_BLOCK_N, BLOCK_K=ha.DIGITS_BLOCK_K, DOT_FP32=False, EVEN_K=even_k, PDL=True))
+              dict(ROWS=16, G=64, BLOCK_N=ha.DIGITS_BLOCK_N, BLOCK_K=ha.DIGITS_BLOCK_K, DOT_FP32=False, EVEN_K=even_k, PDL=True))
     build(ha._threshold_kernel, {"lo_part_ptr": "*fp32", "xn_ptr": "*fp32", "sx_ptr": "*fp32", "thresh_ptr": "*fp32",
                                  "P": i32, "err_max": "fp32", "ex_coef": "fp32"}, dict(P_BLOCK=1024, PDL=2))
     for bm, bn, bk in ((16, 64, 128), (1, 16, 256)):
