@@ -54,11 +54,12 @@ DIGITS_WARPS = 4
 DIGITS_STAGES = 4
 # |x/s_x - (d1 + d2/254)| per element: 0.5/254 = 0.001969 plus fp32 rounding of x / s_x (a few ulps of 127, 3e-5)
 DIGIT_RESID = 0.0021
-# Rows per exact-kernel program (128 programs at E4B). Fewer rows per program would spread a verify step's survivors
-# (a median of ~17 per hidden row, in different tiles) over more SMs, now that `_threshold_kernel` reduces the
-# screen's lower bounds once per row instead of in every program; not yet timed (`check_screened_head_gpu.py` and
-# `stage_costs_gpu.py` variants exact_chunk*).
-EXACT_CHUNK = 2048
+# Rows per exact-kernel program: 64 (one GEMV tile, 4,096 programs at E4B) spreads a verify step's survivors (a
+# median of ~17 per hidden row, in different tiles) over the SMs, now that `_threshold_kernel` reduces the screen's
+# lower bounds once per row. H100, stop 25: head alone (graphed) M = 1 / 9 0.256 / 0.343 ms at 2048 rows, 0.247 /
+# 0.288 at 64 (`check_screened_head_gpu.py --sweep-only`, ids exact); graphed E4B step at context 768, 4096 slots
+# (`stage_costs_gpu.py`, 2 rounds) decode 4.016 -> 4.007 ms, verify (9) 4.369 -> 4.311 ms, same bits.
+EXACT_CHUNK = 64
 ROW_CHUNK = 16384     # rows quantised at a time when building the copy (bounds the fp32 temporaries)
 # Relative slack on the bound for fp32 rounding: the dots' accumulation error is <= K * 2^-24 * |x| |w|
 # (1.5e-4 at K = 2560) and the norms are computed in fp32; 1e-3 covers both several times over.

@@ -55,9 +55,10 @@ SWEEP = {  # name -> module globals of kernels.head_argmax
     "d_st3": {"DIGITS_STAGES": 3},
     "d_st6": {"DIGITS_STAGES": 6},
     "d_w8": {"DIGITS_WARPS": 8},
-    "exact_chunk1024": {"EXACT_CHUNK": 1024},  # rows per exact-kernel program (default 2048)
+    "exact_chunk1024": {"EXACT_CHUNK": 1024},  # rows per exact-kernel program (default 64 since stop 25; was 2048)
     "exact_chunk256": {"EXACT_CHUNK": 256},
     "exact_chunk64": {"EXACT_CHUNK": 64},
+    "exact_chunk2048": {"EXACT_CHUNK": 2048},  # the stop-24 default
 }
 
 
