@@ -81,7 +81,6 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     out["head_gemv"] = {("kernels.head_argmax", "ENABLED"): False}  # greedy from the bf16 GEMV (the int8 screen off)
     ha = "kernels.head_argmax"  # rows per exact-recompute program (default 64 since stop 25)
     out["exact_chunk256"] = {(ha, "EXACT_CHUNK"): 256}
-    out["exact_chunk64"] = {(ha, "EXACT_CHUNK"): 64}
     out["exact_chunk2048"] = {(ha, "EXACT_CHUNK"): 2048}  # the stop-24 default
     out["fused_mlp"] = {(ft, "FUSED_MLP"): True}  # the MLP as one weight stream (off since stop 13: 0.993x there)
     first = ("default", "attn_merge_off", "pdl_early", "ple_2launch", "pdl_early_ple2", "attn_merge_all",
