@@ -57,6 +57,11 @@ FUSED_ATTN_MERGE: bool = os.environ.get("VKAE_FUSED_ATTN_MERGE", "1") != "0"
 # verify 4.379 -> 4.376 ms; neutral at 4096 slots (4.184 -> 4.178 ms), where the global layers split 64 ways anyway.
 ATTN_MERGE_MAX_SPLITS = 9
 ATTN_MERGE_MAX_ROWS = 1
+# Down's residual add + post-norm left pending for the PLE gate GEMV (`kernels.gemv_deferred_norm`): the gate reads
+# down's split-K partials and applies the norm's scalar in its own split-K reduction, which also writes h. One
+# dependent launch fewer per layer with per-layer inputs (the add_norm kernel). Off by default until measured;
+# env VKAE_DEFERRED_NORM=1. Needs FUSED_EPILOGUES too. Read at call time.
+DEFERRED_NORM: bool = os.environ.get("VKAE_DEFERRED_NORM", "0") != "0"
 
 
 def fusable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -191,19 +196,64 @@ def mlp_sandwich(gate_up: Linear, down: Linear, x: torch.Tensor, residual: torch
     return proj_sandwich(down, proj_geglu(gate_up, x), residual, w_post, w_next, scalar, eps, plus_one)
 
 
+def _down_partials(gate_up: Linear, down: Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """The MLP's output as fp32 partial sums [S, M, H] (the fused MLP's one partial, or down's split-K partials),
+    or None where down would not split K (then there are no partials to hand on)."""
+    if _mlp_fusable(gate_up, down, x):
+        from kernels.fused_mlp import mlp_sum_triton
+
+        return mlp_sum_triton(_rows(x), gate_up.weight, down.weight)
+    if not (fusable(x, gate_up.weight) and fusable(x, down.weight)):
+        return None
+    from kernels.gemv import launch_gemv, resolve_config
+
+    act = _rows(proj_geglu(gate_up, x))
+    cfg = resolve_config(act, down.weight)
+    if cfg["SPLIT_K"] == 1:
+        return None
+    part = torch.empty(cfg["SPLIT_K"], act.shape[0], down.weight.shape[0], dtype=torch.float32, device=act.device)
+    launch_gemv(act, down.weight, part, part, cfg)
+    return part
+
+
 def mlp_add_norm(gate_up: Linear, down: Linear, x: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor,
-                 eps: float, plus_one: bool) -> torch.Tensor:
-    """`proj_add_norm(down, proj_geglu(gate_up, x), residual, ...)`: residual + norm(MLP(x))."""
+                 eps: float, plus_one: bool, consumer: Linear | None = None):
+    """`proj_add_norm(down, proj_geglu(gate_up, x), residual, ...)`: residual + norm(MLP(x)). With `consumer` (the
+    PLE gate that reads the result) and DEFERRED_NORM, where the gate can take it pending
+    (`kernels.gemv_deferred_norm`): a `PendingAddNorm` of the MLP's partials instead, for `ple_sandwich`."""
+    if consumer is not None and DEFERRED_NORM and fusable(residual, consumer.weight):
+        from kernels.gemv_deferred_norm import PendingAddNorm, supports
+
+        part = _down_partials(gate_up, down, x)
+        if part is not None:
+            pending = PendingAddNorm(part, x.dtype, residual, w_post, eps, plus_one)
+            if supports(pending, consumer.weight):
+                return pending
+            return sandwich_from_partials_h(pending)
     if _mlp_fusable(gate_up, down, x):
         return _mlp_tail(gate_up, down, x, residual, w_post, None, None, eps, plus_one)[0]
     return proj_add_norm(down, proj_geglu(gate_up, x), residual, w_post, eps, plus_one)
+
+
+def sandwich_from_partials_h(pending) -> torch.Tensor:
+    """h of a `PendingAddNorm` by the split-K add + norm kernel (where the gate cannot take it pending)."""
+    from kernels.splitk_norm import sandwich_from_partials
+
+    p = pending
+    return sandwich_from_partials(p.part, p.x_dtype, p.residual, p.w_post, None, None, p.eps, p.plus_one, False)[0]
 
 
 def ple_sandwich(gate: Linear, proj: Linear, h: torch.Tensor, per_layer_input: torch.Tensor, w_post: torch.Tensor,
                  w_next: torch.Tensor, scalar: torch.Tensor | None, eps: float, plus_one: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """`proj_sandwich(proj, proj_gelu_gate(gate, h, per_layer_input), h, ...)`: the per-layer input's gate and
-    projection, then (new residual h, next layer's normed input)."""
+    projection, then (new residual h, next layer's normed input). h may be pending (`mlp_add_norm`'s
+    `PendingAddNorm`): the gate GEMV then applies the add + norm itself and writes h."""
+    if not isinstance(h, torch.Tensor):
+        from kernels.gemv_deferred_norm import deferred_gate_triton
+
+        h, g = deferred_gate_triton(h, gate.weight, _rows(per_layer_input))
+        return proj_sandwich(proj, g.view(*h.shape[:-1], -1), h, w_post, w_next, scalar, eps, plus_one)
     if FUSED_PLE and fusable(h, gate.weight) and fusable(h, proj.weight):
         from kernels.gemv_gated_input import fusable_shapes, gelu_gate_linear_triton
         from kernels.rmsnorm import post_norm_residual_pre_norm_triton

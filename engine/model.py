@@ -157,8 +157,9 @@ class GemmaDecoder(nn.Module):
         h, x = _stage("o", fused_tail.proj_sandwich, layer.o_proj, attn, h, n["post_attention_layernorm"],
                       n["pre_feedforward_layernorm"], None, eps, plus_one)
         if layer.has_ple:
+            # h may come back pending (`fused_tail.DEFERRED_NORM`): the PLE gate then does the add + norm
             h = _stage("mlp", fused_tail.mlp_add_norm, layer.gate_up, layer.down, x, h,
-                       n["post_feedforward_layernorm"], eps, plus_one)
+                       n["post_feedforward_layernorm"], eps, plus_one, layer.ple_gate)
             return _stage("ple", self._ple_tail, layer, h, per_layer, w_next)
         return _stage("mlp", fused_tail.mlp_sandwich, layer.gate_up, layer.down, x, h,
                       n["post_feedforward_layernorm"], w_next, layer.layer_scalar, eps, plus_one)

@@ -83,6 +83,10 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     out["exact_chunk256"] = {(ha, "EXACT_CHUNK"): 256}
     out["exact_chunk2048"] = {(ha, "EXACT_CHUNK"): 2048}  # the stop-24 default
     out["fused_mlp"] = {(ft, "FUSED_MLP"): True}  # the MLP as one weight stream (off since stop 13: 0.993x there)
+    # down's add + norm pending in the PLE gate GEMV (stop 26): one launch fewer a layer; other rounding points, so
+    # the checksum changes; verify == decode must hold
+    out["deferred_norm"] = {(ft, "DEFERRED_NORM"): True}
+    out["deferred_norm_fused_mlp"] = {(ft, "DEFERRED_NORM"): True, (ft, "FUSED_MLP"): True}
     first = ("default", "attn_merge_off", "pdl_early", "ple_2launch", "pdl_early_ple2", "attn_merge_all",
              "pdl_early_pf4", "gemv_pf4")
     return {n: out[n] for n in first} | {n: v for n, v in out.items() if n not in first}
@@ -97,7 +101,8 @@ ENV_OF = {("kernels._common", "PDL_EARLY_SHORT"): "VKAE_PDL_EARLY", ("engine.fus
           ("kernels.decode_attention", "ATTN_STAGES"): "VKAE_ATTN_STAGES",
           ("kernels.decode_attention", "L2_PREFETCH"): "VKAE_ATTN_L2_PREFETCH",
           ("kernels.decode_attention", "ATTN_NUM_WARPS"): "VKAE_ATTN_NUM_WARPS",
-          ("kernels.head_argmax", "ENABLED"): "VKAE_SCREENED_HEAD"}
+          ("kernels.head_argmax", "ENABLED"): "VKAE_SCREENED_HEAD",
+          ("engine.fused_tail", "DEFERRED_NORM"): "VKAE_DEFERRED_NORM", ("engine.fused_tail", "FUSED_MLP"): "VKAE_FUSED_MLP"}
 
 
 def pick_env(result: dict, min_speedup: float = 1.005) -> str:

@@ -238,3 +238,25 @@ def test_attention_merge_in_o_proj_decode_step_bitwise(alias, max_rows, monkeypa
     assert len(merged) == (2 if max_rows >= 9 else 1) * L and min(merged) > 1  # every layer took the deferred merge
     assert torch.equal(one_m, one) and torch.equal(wide_m, wide)
     _assert_fused_step(model, want, unfused, one_m, wide_m)
+
+
+def test_deferred_norm_decode_step_matches_unfused_and_reference(monkeypatch):
+    """DEFERRED_NORM on, with every GEMV splitting K: each layer's down add + norm is left pending for the PLE gate
+    (`kernels.gemv_deferred_norm.deferred_gate_triton`, once per layer and step; no add_norm kernel), and the step
+    still matches the unfused kernels and the CPU reference, with verify row 0 == decode bit for bit. (With the
+    fused MLP the pending partials are its one partial: the kernel tests cover one input partial.)"""
+    import kernels.gemv_deferred_norm as dn
+
+    monkeypatch.setattr(fused_tail, "DEFERRED_NORM", True)
+    rows: list[int] = []
+
+    def counted(pending, *a, _fn=dn.deferred_gate_triton, **kw):
+        rows.append(pending.part.shape[1])
+        return _fn(pending, *a, **kw)
+
+    monkeypatch.setattr(dn, "deferred_gate_triton", counted)
+    model, arch, want, unfused, one, wide, calls = _steps("tiny-gemma4", monkeypatch, True)
+    L = arch.num_layers
+    assert rows == [9] * L + [1] * L  # the verify step's layers, then the decode step's
+    assert "linear_add_norm_triton" not in calls and "gelu_gate_linear_triton" not in calls
+    _assert_fused_step(model, want, unfused, one, wide)

@@ -1,4 +1,5 @@
 """Compile the GEMV family (`kernels.gemv`, `kernels.gemv_epilogue`, `kernels.gemv_gated_input`, `kernels.splitk_norm`,
+`kernels.gemv_deferred_norm`,
 `kernels.head_norm`, `kernels.fused_mlp`, `kernels.gemv_merged_input`, decode attention's stage 2, the decode
 step's prologue `kernels.decode_prologue`, the screened greedy head `kernels.head_argmax`) for an H100
 (sm_90) without a GPU: Triton's compiler and the ptxas shipped in its wheel need none.
@@ -79,6 +80,22 @@ def _compile_all() -> int:
                **{k: i32 for k in ("M", "N", "P", "som", "son", "swn", "swk", "sym", "syn")}},
               dict(SPLIT=10, X_DTYPE=tl.bfloat16, G_BLOCK=gi.GATED_BLOCK, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                    USE_DOT=bm > 1, DOT_FP32=False, EVEN_K=True, PDL=bm > 1, PREFETCH=2, W_EVICT=""))
+    # the PLE gate on down's pending add + norm (E4B: 7 down partials, 10 gate splits), and its reduce writing h
+    import kernels.gemv_deferred_norm as dn
+
+    for pdl, even_k in ((True, True), (False, False)):
+        build(dn._deferred_gate_kernel,
+              {"part_ptr": "*fp32", "r_ptr": "*bf16", "wpost_ptr": "*bf16", "w_ptr": "*bf16", "gpart_ptr": "*fp32",
+               "ss_ptr": "*fp32", **{k: i32 for k in ("M", "N", "H", "srm", "swn", "swk", "k_per_split")}},
+              dict(S_IN=7, X_DTYPE=tl.bfloat16, HAS_WPOST=True, PLUS_ONE=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+                   DOT_FP32=False, EVEN_K=even_k, PDL=pdl, PREFETCH=2, W_EVICT=""))
+        build(dn._deferred_reduce_kernel,
+              {"gpart_ptr": "*fp32", "ss_ptr": "*fp32", "o_ptr": "*bf16", "g_ptr": "*bf16", "part_ptr": "*fp32",
+               "r_ptr": "*bf16", "wpost_ptr": "*bf16", "h_ptr": "*bf16",
+               **{k: i32 for k in ("M", "N", "H", "som", "son", "sgm", "srm", "shm")}, "eps": "fp32",
+               "n_gate_programs": i32},
+              dict(SPLIT=10, S_IN=7, X_DTYPE=tl.bfloat16, HAS_WPOST=pdl, PLUS_ONE=not pdl, BLOCK=dn.REDUCE_BLOCK,
+                   PDL=pdl))
     # the o projection merging decode attention's splits itself (sliding layers: 9 splits of D = 256), and
     # stage 2, which shares its merge code
     import kernels.decode_attention as da
