@@ -57,11 +57,16 @@ FUSED_ATTN_MERGE: bool = os.environ.get("VKAE_FUSED_ATTN_MERGE", "1") != "0"
 # verify 4.379 -> 4.376 ms; neutral at 4096 slots (4.184 -> 4.178 ms), where the global layers split 64 ways anyway.
 ATTN_MERGE_MAX_SPLITS = 9
 ATTN_MERGE_MAX_ROWS = 1
-# Down's residual add + post-norm left pending for the PLE gate GEMV (`kernels.gemv_deferred_norm`): the gate reads
+# Down's residual add + post-norm left pending for the PLE gate GEMV (`kernels.pending_add_norm`): the gate reads
 # down's split-K partials and applies the norm's scalar in its own split-K reduction, which also writes h. One
 # dependent launch fewer per layer with per-layer inputs (the add_norm kernel). Off by default until measured;
-# env VKAE_DEFERRED_NORM=1. Needs FUSED_EPILOGUES too. Read at call time.
-DEFERRED_NORM: bool = os.environ.get("VKAE_DEFERRED_NORM", "0") != "0"
+# env VKAE_PENDING_ADD_NORM=1. Needs FUSED_EPILOGUES too. Read at call time.
+PENDING_ADD_NORM: bool = os.environ.get("VKAE_PENDING_ADD_NORM", "0") != "0"
+# The layer-ending PLE sandwich (post-norm, residual add, layer scalar, next input norm) left pending for the next
+# layer's q/k/v GEMV (`kernels.pending_sandwich`): the GEMV reads h and the PLE projection's output, its epilogue
+# applies the two norms' scalars and writes h'. One dependent launch fewer per layer but the last. Off by default
+# until measured; env VKAE_PENDING_SANDWICH=1. Needs FUSED_EPILOGUES and FUSED_QKV too. Read at call time.
+PENDING_SANDWICH: bool = os.environ.get("VKAE_PENDING_SANDWICH", "0") != "0"
 
 
 def fusable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -97,7 +102,18 @@ def proj_qkv_heads(lin: Linear, x: torch.Tensor, num_heads: int, kv_heads: int, 
                    kv: tuple | None, eps: float, plus_one: bool, v_norm: bool, k_eq_v: bool) -> torch.Tensor:
     """The fused [q; k; v] projection of x [B, T, K] -> q [B, T, H, D] after its norm and RoPE; with
     kv = (k_cache, v_cache, slot_pos, rows, slots, pos32) also the K/V norms, RoPE and cache write of
-    `ops.write_kv` (k = v's raw projection when k_eq_v). kv None: a layer that reads another's cache."""
+    `ops.write_kv` (k = v's raw projection when k_eq_v). kv None: a layer that reads another's cache.
+    x may be a pending sandwich (`ple_sandwich` with a consumer): its h' is written on the way."""
+    if not isinstance(x, torch.Tensor):
+        from kernels.pending_sandwich import materialize_ref, supports
+
+        if FUSED_QKV and fusable(x.y, lin.weight) and supports(x, lin.weight):
+            from kernels.head_norm import linear_qkv_heads_triton
+
+            return linear_qkv_heads_triton(x, lin.weight, num_heads, kv_heads, head_dim, q_norm,
+                                           k_norm if kv is not None else None, cos, sin, kv, eps, plus_one, v_norm,
+                                           k_eq_v)
+        x = materialize_ref(x)[1]
     if FUSED_QKV and fusable(x, lin.weight):
         from kernels.head_norm import linear_qkv_heads_triton
 
@@ -219,10 +235,10 @@ def _down_partials(gate_up: Linear, down: Linear, x: torch.Tensor) -> torch.Tens
 def mlp_add_norm(gate_up: Linear, down: Linear, x: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor,
                  eps: float, plus_one: bool, consumer: Linear | None = None):
     """`proj_add_norm(down, proj_geglu(gate_up, x), residual, ...)`: residual + norm(MLP(x)). With `consumer` (the
-    PLE gate that reads the result) and DEFERRED_NORM, where the gate can take it pending
-    (`kernels.gemv_deferred_norm`): a `PendingAddNorm` of the MLP's partials instead, for `ple_sandwich`."""
-    if consumer is not None and DEFERRED_NORM and fusable(residual, consumer.weight):
-        from kernels.gemv_deferred_norm import PendingAddNorm, supports
+    PLE gate that reads the result) and PENDING_ADD_NORM, where the gate can take it pending
+    (`kernels.pending_add_norm`): a `PendingAddNorm` of the MLP's partials instead, for `ple_sandwich`."""
+    if consumer is not None and PENDING_ADD_NORM and fusable(residual, consumer.weight):
+        from kernels.pending_add_norm import PendingAddNorm, supports
 
         part = _down_partials(gate_up, down, x)
         if part is not None:
@@ -243,17 +259,19 @@ def sandwich_from_partials_h(pending) -> torch.Tensor:
     return sandwich_from_partials(p.part, p.x_dtype, p.residual, p.w_post, None, None, p.eps, p.plus_one, False)[0]
 
 
-def ple_sandwich(gate: Linear, proj: Linear, h: torch.Tensor, per_layer_input: torch.Tensor, w_post: torch.Tensor,
-                 w_next: torch.Tensor, scalar: torch.Tensor | None, eps: float, plus_one: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def ple_sandwich(gate: Linear, proj: Linear, h, per_layer_input: torch.Tensor, w_post: torch.Tensor,
+                 w_next: torch.Tensor, scalar: torch.Tensor | None, eps: float, plus_one: bool,
+                 consumer: Linear | None = None):
     """`proj_sandwich(proj, proj_gelu_gate(gate, h, per_layer_input), h, ...)`: the per-layer input's gate and
     projection, then (new residual h, next layer's normed input). h may be pending (`mlp_add_norm`'s
-    `PendingAddNorm`): the gate GEMV then applies the add + norm itself and writes h."""
+    `PendingAddNorm`): the gate GEMV then applies the add + norm itself and writes h. With `consumer` (the next
+    layer's q/k/v projection) and PENDING_SANDWICH, where it can take it: (h', a `PendingSandwich`) whose h' the
+    consumer's epilogue writes (`proj_qkv_heads`)."""
     if not isinstance(h, torch.Tensor):
-        from kernels.gemv_deferred_norm import deferred_gate_triton
+        from kernels.pending_add_norm import pending_gate_triton
 
-        h, g = deferred_gate_triton(h, gate.weight, _rows(per_layer_input))
-        return proj_sandwich(proj, g.view(*h.shape[:-1], -1), h, w_post, w_next, scalar, eps, plus_one)
+        h, g = pending_gate_triton(h, gate.weight, _rows(per_layer_input))
+        return _ple_proj_tail(proj, g.view(*h.shape[:-1], -1), h, w_post, w_next, scalar, eps, plus_one, consumer)
     if FUSED_PLE and fusable(h, gate.weight) and fusable(h, proj.weight):
         from kernels.gemv_gated_input import fusable_shapes, gelu_gate_linear_triton
         from kernels.rmsnorm import post_norm_residual_pre_norm_triton
@@ -261,7 +279,31 @@ def ple_sandwich(gate: Linear, proj: Linear, h: torch.Tensor, per_layer_input: t
         x, other = _rows(h), _rows(per_layer_input)
         if fusable_shapes(x, gate.weight, proj.weight):
             y = gelu_gate_linear_triton(x, gate.weight, other, proj.weight).view(*h.shape[:-1], -1)
+            pending = _pending_sandwich(y, h, w_post, w_next, scalar, eps, plus_one, consumer)
+            if pending is not None:
+                return pending.h_out, pending
             res = h.to(torch.promote_types(y.dtype, h.dtype))  # a no-op in the engine
             return post_norm_residual_pre_norm_triton(y, res, w_post, w_next, eps, plus_one, scalar=scalar)
     g = proj_gelu_gate(gate, h, per_layer_input)
+    return _ple_proj_tail(proj, g, h, w_post, w_next, scalar, eps, plus_one, consumer)
+
+
+def _pending_sandwich(y: torch.Tensor, h: torch.Tensor, w_post: torch.Tensor, w_next: torch.Tensor,
+                      scalar: torch.Tensor | None, eps: float, plus_one: bool, consumer: Linear | None):
+    """The sandwich of y into h as a `PendingSandwich` for `consumer`, or None where it stays a kernel of its own."""
+    if consumer is None or not (PENDING_SANDWICH and FUSED_QKV and fusable(h, consumer.weight)):
+        return None
+    from kernels.pending_sandwich import PendingSandwich, supports
+
+    pending = PendingSandwich(y, h, w_post, w_next, scalar, eps, plus_one, torch.empty_like(h))
+    return pending if y.dtype == h.dtype and supports(pending, consumer.weight) else None
+
+
+def _ple_proj_tail(proj: Linear, g: torch.Tensor, h: torch.Tensor, w_post: torch.Tensor, w_next: torch.Tensor,
+                   scalar: torch.Tensor | None, eps: float, plus_one: bool, consumer: Linear | None):
+    """`proj_sandwich(proj, g, h, ...)`, or (h', `PendingSandwich`) of proj(g) where the consumer takes it."""
+    if consumer is not None and PENDING_SANDWICH and fusable(g, proj.weight):
+        pending = _pending_sandwich(proj(g), h, w_post, w_next, scalar, eps, plus_one, consumer)
+        if pending is not None:
+            return pending.h_out, pending
     return proj_sandwich(proj, g, h, w_post, w_next, scalar, eps, plus_one)

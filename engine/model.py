@@ -149,27 +149,30 @@ class GemmaDecoder(nn.Module):
         return ops.norm_rope(q, layer.q_norm, cos, sin, eps, plus_one), k_raw, v_raw
 
     def _layer_tail(self, layer: DecoderLayer, h: torch.Tensor, attn: torch.Tensor,
-                    per_layer: torch.Tensor | None, w_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Everything after attention; returns the new residual stream and the next layer's normed input."""
+                    per_layer: torch.Tensor | None, w_next: torch.Tensor, next_qkv: Linear | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything after attention; returns the new residual stream and the next layer's normed input.
+        next_qkv (decode steps): the next layer's q/k/v projection, which may take that input pending
+        (`fused_tail.PENDING_SANDWICH`; the residual returned is then written by its epilogue)."""
         n, (eps, plus_one) = layer.norms, self._eps()
         # each call is a projection and its epilogue: one fused kernel path at decode widths on CUDA,
         # the unfused ops (the reference) elsewhere (engine/fused_tail.py)
         h, x = _stage("o", fused_tail.proj_sandwich, layer.o_proj, attn, h, n["post_attention_layernorm"],
                       n["pre_feedforward_layernorm"], None, eps, plus_one)
         if layer.has_ple:
-            # h may come back pending (`fused_tail.DEFERRED_NORM`): the PLE gate then does the add + norm
+            # h may come back pending (`fused_tail.PENDING_ADD_NORM`): the PLE gate then does the add + norm
             h = _stage("mlp", fused_tail.mlp_add_norm, layer.gate_up, layer.down, x, h,
                        n["post_feedforward_layernorm"], eps, plus_one, layer.ple_gate)
-            return _stage("ple", self._ple_tail, layer, h, per_layer, w_next)
+            return _stage("ple", self._ple_tail, layer, h, per_layer, w_next, next_qkv)
         return _stage("mlp", fused_tail.mlp_sandwich, layer.gate_up, layer.down, x, h,
                       n["post_feedforward_layernorm"], w_next, layer.layer_scalar, eps, plus_one)
 
-    def _ple_tail(self, layer: DecoderLayer, h: torch.Tensor, per_layer: torch.Tensor, w_next: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ple_tail(self, layer: DecoderLayer, h: torch.Tensor, per_layer: torch.Tensor, w_next: torch.Tensor,
+                  next_qkv: Linear | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-layer input's gate and projection: (new residual h, next layer's normed input)."""
         eps, plus_one = self._eps()
         return fused_tail.ple_sandwich(layer.ple_gate, layer.ple_proj, h, per_layer[:, :, layer.index],
-                                       layer.ple_norm, w_next, layer.layer_scalar, eps, plus_one)
+                                       layer.ple_norm, w_next, layer.layer_scalar, eps, plus_one, next_qkv)
 
     def decode_weight_order(self) -> list[torch.Tensor]:
         """The projection weights in the order a decode step reads them (one GEMV each): the PLE model
@@ -320,7 +323,9 @@ class GemmaDecoder(nn.Module):
                        self.arch.attn_softcap, fused_tail.attn_merge_splits(q, layer.o_proj))
             # unmerged splits (a SplitAttention) go to the o projection as they are: it merges them itself
             attn = o.reshape(B, T, -1) if isinstance(o, torch.Tensor) else o
-            h, x = self._layer_tail(layer, h, attn, per_layer, self._next_norm(layer.index))
+            i = layer.index
+            h, x = self._layer_tail(layer, h, attn, per_layer, self._next_norm(i),
+                                    self.layers[i + 1].qkv if i + 1 < len(self.layers) else None)
         return x
 
     # ---- head --------------------------------------------------------------------------

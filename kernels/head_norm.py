@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, next_pow2, pdl_flags, tl, tl_dtype, triton
+from ._common import HAS_TRITON, cdiv, next_pow2, pdl_flags, tl, tl_dtype, triton
 from .rmsnorm import rmsnorm_ref
 
 
@@ -49,20 +49,28 @@ def write_kv_ref(k_raw: torch.Tensor, v_raw: torch.Tensor, k_weight: torch.Tenso
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
     from ._common import pdl_wait
+    from .pending_sandwich import _sandwich_coefs, _store_pending_h
 
     @triton.jit
     def _load_head(src_row, idx, ok, split_stride, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
-                   X_DTYPE: tl.constexpr):
+                   X_DTYPE: tl.constexpr, PEND: tl.constexpr, b_off, ca, cb):
         """fp32 values of one head row at columns `idx`. SPLIT == 0: `src_row` points into the projection's
         output (x's dtype). SPLIT >= 1: into fp32 split-K partials (`split_stride` apart), summed in the
         fixed order of `kernels.gemv._splitk_reduce_kernel` and rounded to x's dtype as that kernel
-        stores them, so the fused q/k/v epilogue reads exactly what the unfused path would have."""
+        stores them, so the fused q/k/v epilogue reads exactly what the unfused path would have.
+        PEND (a pending input, `kernels.pending_sandwich`): two row sets of partials, b_off apart, combined as
+        ca * (A + cb * B) before the rounding (b_off, ca, cb are unused otherwise)."""
         if SPLIT == 0:
             return tl.load(src_row + idx, mask=ok, other=0.0).to(tl.float32)
         else:
             acc = tl.zeros([BLOCK_D], tl.float32)
             for s in tl.static_range(SPLIT):
                 acc += tl.load(src_row + s * split_stride + idx, mask=ok, other=0.0)
+            if PEND:
+                acc_b = tl.zeros([BLOCK_D], tl.float32)
+                for s in tl.static_range(SPLIT):
+                    acc_b += tl.load(src_row + b_off + s * split_stride + idx, mask=ok, other=0.0)
+                acc = ca * (acc + cb * acc_b)
             return acc.to(X_DTYPE).to(tl.float32)
 
     @triton.jit
@@ -79,13 +87,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _head_loads(x_row, cs_row, sn_row, cols, rcols, c_ok, split_stride, BLOCK_D: tl.constexpr,
-                    SPLIT: tl.constexpr, XD: tl.constexpr, ROPE: tl.constexpr):
+                    SPLIT: tl.constexpr, XD: tl.constexpr, ROPE: tl.constexpr, PEND: tl.constexpr, b_off, ca, cb):
         """Every activation one head needs, issued together (one memory round trip after the PDL wait): the
         row, the RoPE partner columns (re-read, not shuffled across threads: the row is already in L1), and
         the position's cos/sin. Rows read through `_load_head` (split_stride, SPLIT: see there)."""
-        x = _load_head(x_row, cols, c_ok, split_stride, BLOCK_D, SPLIT, XD)
+        x = _load_head(x_row, cols, c_ok, split_stride, BLOCK_D, SPLIT, XD, PEND, b_off, ca, cb)
         if ROPE:
-            xr = _load_head(x_row, rcols, c_ok, split_stride, BLOCK_D, SPLIT, XD)
+            xr = _load_head(x_row, rcols, c_ok, split_stride, BLOCK_D, SPLIT, XD, PEND, b_off, ca, cb)
             c = tl.load(cs_row + cols, mask=c_ok, other=0.0).to(tl.float32)
             s = tl.load(sn_row + cols, mask=c_ok, other=0.0).to(tl.float32)
         else:
@@ -124,7 +132,7 @@ if HAS_TRITON:
         wfr = _weight_factor(w_ptr, rcols, c_ok, HAS_W, PLUS_ONE)
         pdl_wait(PDL)
         x, xr, c, s = _head_loads(x_ptr + r * sxr + h * sxh, cos_ptr + r * scr, sin_ptr + r * ssr, cols, rcols,
-                                  c_ok, 0, BLOCK_D, 0, x_ptr.dtype.element_ty, ROPE)
+                                  c_ok, 0, BLOCK_D, 0, x_ptr.dtype.element_ty, ROPE, False, 0, 1.0, 1.0)
         y = _normed_head(x, xr, wf, wfr, c, s, cols, eps, D, ROPE, x_ptr.dtype.element_ty)
         tl.store(y_ptr + r * syr + h * syh + cols, y.to(y_ptr.dtype.element_ty), mask=c_ok)
 
@@ -132,7 +140,8 @@ if HAS_TRITON:
     def _write_kv_head(k_row, v_row, wf, wfr, cs_row, sn_row, kc_ptr, vc_ptr, sp_ptr, rows_ptr, slots_ptr, pos_ptr,
                        b, t, h, skcb, skch, skcs, svcb, svch, svcs, sspb, ssps, srb, srt, slb, slt, spb, spt, eps,
                        split_stride, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                       V_NORM: tl.constexpr, SPLIT: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr):
+                       V_NORM: tl.constexpr, SPLIT: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr,
+                       PEND: tl.constexpr, b_off, ca, cb):
         """kv head h of position (b, t), after the PDL wait: k norm (weight factors wf / wfr, loaded before the
         wait) + RoPE, v norm (V_NORM) or copy, both into the cache slot of that position's row, and the slot's
         position (head 0 only). Every load is issued first, together."""
@@ -140,8 +149,9 @@ if HAS_TRITON:
         slot = tl.load(slots_ptr + b * slb + t * slt).to(tl.int64)
         pos = tl.load(pos_ptr + b * spb + t * spt)
         cols, rcols, c_ok = _head_cols(D, BLOCK_D)
-        xk, xkr, c, s = _head_loads(k_row, cs_row, sn_row, cols, rcols, c_ok, split_stride, BLOCK_D, SPLIT, XK, True)
-        xv = _load_head(v_row, cols, c_ok, split_stride, BLOCK_D, SPLIT, XV)
+        xk, xkr, c, s = _head_loads(k_row, cs_row, sn_row, cols, rcols, c_ok, split_stride, BLOCK_D, SPLIT, XK, True,
+                                    PEND, b_off, ca, cb)
+        xv = _load_head(v_row, cols, c_ok, split_stride, BLOCK_D, SPLIT, XV, PEND, b_off, ca, cb)
         k = _normed_head(xk, xkr, wf, wfr, c, s, cols, eps, D, True, XK)
         tl.store(kc_ptr + row * skcb + h * skch + slot * skcs + cols, k.to(kc_ptr.dtype.element_ty), mask=c_ok)
         if V_NORM:  # scale-free: the weight factor is 1
@@ -169,19 +179,24 @@ if HAS_TRITON:
         _write_kv_head(k_ptr + r64 * skr + h * skh, v_ptr + r64 * svr + h * svh, wf, wfr, cos_ptr + r64 * scr,
                        sin_ptr + r64 * ssr, kc_ptr, vc_ptr, sp_ptr, rows_ptr, slots_ptr, pos_ptr, r // T, r % T, h,
                        skcb, skch, skcs, svcb, svch, svcs, sspb, ssps, srb, srt, slb, slt, spb, spt, eps,
-                       0, D, BLOCK_D, V_NORM, 0, k_ptr.dtype.element_ty, v_ptr.dtype.element_ty)
+                       0, D, BLOCK_D, V_NORM, 0, k_ptr.dtype.element_ty, v_ptr.dtype.element_ty, False, 0,
+                       1.0, 1.0)
 
     @triton.jit
     def _qkv_heads_kernel(src_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, sp_ptr,
                           rows_ptr, slots_ptr, pos_ptr, T, HQ, k_col, v_col, s_split, s_row,
                           scr, ssr, sqr, sqh, skcb, skch, skcs, svcb, svch, svcs, sspb, ssps,
                           srb, srt, slb, slt, spb, spt, eps,
+                          ss_ptr, sc_ptr, py_ptr, pr_ptr, pw_ptr, ph_ptr, M, HID, sym, srm, n_heads, b_off,
                           D: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, XD: tl.constexpr,
-                          PLUS_ONE: tl.constexpr, V_NORM: tl.constexpr, PDL: tl.constexpr):
+                          PLUS_ONE: tl.constexpr, V_NORM: tl.constexpr, PDL: tl.constexpr,
+                          PEND: tl.constexpr, HAS_WPOST: tl.constexpr, HAS_SCALAR: tl.constexpr):
         """The fused QKV projection's epilogue in one launch: program (position, h) takes q head h (h < HQ:
         norm + RoPE into q) or kv head h - HQ (`_write_kv_head`, as `_write_kv_kernel` does),
         reading the projection's split-K partials directly (`_load_head`) instead of a reduced copy.
-        The head's norm weights before the PDL wait; after it, one round of loads."""
+        The head's norm weights before the PDL wait; after it, one round of loads.
+        PEND: the projection ran on a pending sandwich (`kernels.pending_sandwich`): the heads combine its two row
+        sets with the position's scalars, and programs h >= n_heads write columns of h' (ph_ptr) instead."""
         r = tl.program_id(0)  # position b * T + t
         h = tl.program_id(1)
         r64 = r.to(tl.int64)
@@ -196,16 +211,24 @@ if HAS_TRITON:
             wf = _weight_factor(kw_ptr, cols, c_ok, True, PLUS_ONE)
             wfr = _weight_factor(kw_ptr, rcols, c_ok, True, PLUS_ONE)
         pdl_wait(PDL)
+        if PEND:
+            ca, cb, sc = _sandwich_coefs(ss_ptr, sc_ptr, r, M, HID, eps, SPLIT, HAS_SCALAR)
+        else:
+            ca, cb, sc = 1.0, 1.0, 1.0
         if h < HQ:
             x, xr, c, s = _head_loads(src_row + h * D, cs_row, sn_row, cols, rcols, c_ok, s_split, BLOCK_D, SPLIT,
-                                      XD, True)
+                                      XD, True, PEND, b_off, ca, cb)
             q = _normed_head(x, xr, wf, wfr, c, s, cols, eps, D, True, XD)
             tl.store(q_ptr + r64 * sqr + h * sqh + cols, q.to(q_ptr.dtype.element_ty), mask=c_ok)
-        else:
+        elif h < n_heads:
             _write_kv_head(src_row + k_col + (h - HQ) * D, src_row + v_col + (h - HQ) * D, wf, wfr, cs_row, sn_row,
                            kc_ptr, vc_ptr, sp_ptr, rows_ptr, slots_ptr, pos_ptr, r // T, r % T, h - HQ,
                            skcb, skch, skcs, svcb, svch, svcs, sspb, ssps, srb, srt, slb, slt, spb, spt, eps,
-                           s_split, D, BLOCK_D, V_NORM, SPLIT, XD, XD)
+                           s_split, D, BLOCK_D, V_NORM, SPLIT, XD, XD, PEND, b_off, ca, cb)
+        else:
+            if PEND:
+                _store_pending_h(py_ptr, pr_ptr, pw_ptr, ph_ptr, r64, h - n_heads, HID, sym, srm, cb, sc, XD,
+                                 HAS_WPOST, PLUS_ONE, HAS_SCALAR, BLOCK_D)
 
 
 def _warps(D: int) -> int:
@@ -326,38 +349,53 @@ def linear_qkv_heads_ref(x: torch.Tensor, w: torch.Tensor, num_heads: int, kv_he
     return q
 
 
-def linear_qkv_heads_triton(x: torch.Tensor, w: torch.Tensor, num_heads: int, kv_heads: int, head_dim: int,
+def linear_qkv_heads_triton(x, w: torch.Tensor, num_heads: int, kv_heads: int, head_dim: int,
                             q_weight: torch.Tensor, k_weight: torch.Tensor | None, cos: torch.Tensor,
                             sin: torch.Tensor, kv: tuple | None, eps: float, plus_one: bool, v_norm: bool,
                             k_eq_v: bool, split_k: int | None = None, block_k: int | None = None) -> torch.Tensor:
     """`linear_qkv_heads_ref` for decode widths (B * T <= 16) in two launches instead of four: the q/k/v GEMV,
     then one epilogue over every q and kv head that reads its split-K partials (no reduction kernel) and
     writes q [B, T, H, D] and the cache. `k_weight` None: a layer that reads another layer's cache (q only).
-    `split_k` / `block_k` override the GEMV heuristic (tests)."""
+    x may be a `kernels.pending_sandwich.PendingSandwich` (y [B, T, K]): the GEMV then runs on it pending, and the
+    epilogue also writes its h' into x.h_out. `split_k` / `block_k` override the GEMV heuristic (tests)."""
     from .gemv import launch_gemv, resolve_config
+    from .pending_sandwich import PendingSandwich, launch_pending_gemv
 
-    B, T, K = x.shape
+    pend = x if isinstance(x, PendingSandwich) else None
+    xt = pend.y if pend is not None else x
+    B, T, K = xt.shape
     D, H = head_dim, num_heads
     has_kv = k_weight is not None
-    k_col, v_col = _qkv_shapes(x, w, H, kv_heads, D, has_kv, k_eq_v)
+    k_col, v_col = _qkv_shapes(xt, w, H, kv_heads, D, has_kv, k_eq_v)
     if D % 2:
         raise ValueError(f"RoPE needs an even head dim, got {D}")
-    x2 = x.reshape(B * T, K)
+    x2 = xt.reshape(B * T, K)
     M, N = x2.shape[0], w.shape[0]
-    q = torch.empty(B, T, H, D, dtype=x.dtype, device=x.device)
+    q = torch.empty(B, T, H, D, dtype=xt.dtype, device=xt.device)
     if M == 0:
         return q
-    cfg = resolve_config(x2, w, split_k, block_k)
-    split = cfg["SPLIT_K"] if K > 0 else 1
-    if split > 1:
-        src = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-        launch_gemv(x2, w, src, src, cfg)
+    b_off, n_writers = 0, 0
+    if pend is not None:
+        src, ss, split = launch_pending_gemv(pend, w, split_k, block_k)
+        s_split, b_off, n_writers = 2 * M * N, M * N, cdiv(K, next_pow2(D))
+        r2 = pend.residual.reshape(M, K)
+        pend_args = (ss, pend.scalar if pend.scalar is not None else ss, x2, r2,
+                     pend.w_post.contiguous() if pend.w_post is not None else ss, pend.h_out, M, K, x2.stride(0),
+                     r2.stride(0))
     else:
-        src = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        if K == 0:
-            src.zero_()
-        else:
+        cfg = resolve_config(x2, w, split_k, block_k)
+        split = cfg["SPLIT_K"] if K > 0 else 1
+        if split > 1:
+            src = torch.empty(split, M, N, dtype=torch.float32, device=xt.device)
             launch_gemv(x2, w, src, src, cfg)
+        else:
+            src = torch.empty(M, N, dtype=xt.dtype, device=xt.device)
+            if K == 0:
+                src.zero_()
+            else:
+                launch_gemv(x2, w, src, src, cfg)
+        s_split = M * N if split > 1 else 0
+        pend_args = (src, src, src, src, src, src, M, K, 0, 0)  # unused without PEND
     q3 = q.view(M, H, D)
     c2, s2 = _per_position(cos, q), _per_position(sin, q)
     if has_kv:
@@ -367,16 +405,20 @@ def linear_qkv_heads_triton(x: torch.Tensor, w: torch.Tensor, num_heads: int, kv
     else:  # dummy pointers: no program takes the kv branch (empty, not zeros: a fill would be one more kernel
         # per KV-shared layer in the step, 18 at E4B, ~1.3 us each on the critical path)
         k_cache = v_cache = slot_pos = q3
-        rows = slots = pos32 = torch.empty(1, 1, dtype=torch.int32, device=x.device)
+        rows = slots = pos32 = torch.empty(1, 1, dtype=torch.int32, device=xt.device)
         kw = q_weight
-    _qkv_heads_kernel[(M, H + (kv_heads if has_kv else 0))](
+    n_heads = H + (kv_heads if has_kv else 0)
+    _qkv_heads_kernel[(M, n_heads + n_writers)](
         src, q_weight.contiguous(), kw, c2, s2, q3, k_cache, v_cache, slot_pos, rows, slots, pos32, T, H,
-        k_col, v_col, M * N if split > 1 else 0, N, c2.stride(0), s2.stride(0), q3.stride(0), q3.stride(1),
+        k_col, v_col, s_split, N, c2.stride(0), s2.stride(0), q3.stride(0), q3.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(-2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(-2), slot_pos.stride(0), slot_pos.stride(-1),
         rows.stride(0), rows.stride(1), slots.stride(0), slots.stride(1), pos32.stride(0), pos32.stride(1),
-        float(eps), D=D, BLOCK_D=next_pow2(D), SPLIT=split if split > 1 else 0, XD=tl_dtype(x.dtype),
-        PLUS_ONE=bool(plus_one), V_NORM=bool(v_norm), num_warps=_warps(D), **pdl_flags(x2, short=True))
+        float(eps), *pend_args, n_heads, b_off,
+        D=D, BLOCK_D=next_pow2(D), SPLIT=split if (split > 1 or pend is not None) else 0, XD=tl_dtype(xt.dtype),
+        PLUS_ONE=bool(plus_one), V_NORM=bool(v_norm), PEND=pend is not None,
+        HAS_WPOST=pend is not None and pend.w_post is not None, HAS_SCALAR=pend is not None and pend.scalar is not None,
+        num_warps=_warps(D), **pdl_flags(x2, short=True))
     return q
 
 

@@ -83,10 +83,12 @@ def variants() -> dict[str, dict[tuple[str, str], object]]:
     out["exact_chunk256"] = {(ha, "EXACT_CHUNK"): 256}
     out["exact_chunk2048"] = {(ha, "EXACT_CHUNK"): 2048}  # the stop-24 default
     out["fused_mlp"] = {(ft, "FUSED_MLP"): True}  # the MLP as one weight stream (off since stop 13: 0.993x there)
-    # down's add + norm pending in the PLE gate GEMV (stop 26): one launch fewer a layer; other rounding points, so
-    # the checksum changes; verify == decode must hold
-    out["deferred_norm"] = {(ft, "DEFERRED_NORM"): True}
-    out["deferred_norm_fused_mlp"] = {(ft, "DEFERRED_NORM"): True, (ft, "FUSED_MLP"): True}
+    # down's add + norm pending in the PLE gate GEMV, the closing PLE sandwich pending in the next q/k/v GEMV (stop 26):
+    # one launch fewer a layer each; other rounding points, so the checksum changes; verify == decode must hold
+    out["pending_add_norm"] = {(ft, "PENDING_ADD_NORM"): True}
+    out["pending_sandwich"] = {(ft, "PENDING_SANDWICH"): True}
+    out["pending_both"] = {(ft, "PENDING_ADD_NORM"): True, (ft, "PENDING_SANDWICH"): True}
+    out["pending_both_fused_mlp"] = {**out["pending_both"], (ft, "FUSED_MLP"): True}
     first = ("default", "attn_merge_off", "pdl_early", "ple_2launch", "pdl_early_ple2", "attn_merge_all",
              "pdl_early_pf4", "gemv_pf4")
     return {n: out[n] for n in first} | {n: v for n, v in out.items() if n not in first}
@@ -102,7 +104,8 @@ ENV_OF = {("kernels._common", "PDL_EARLY_SHORT"): "VKAE_PDL_EARLY", ("engine.fus
           ("kernels.decode_attention", "L2_PREFETCH"): "VKAE_ATTN_L2_PREFETCH",
           ("kernels.decode_attention", "ATTN_NUM_WARPS"): "VKAE_ATTN_NUM_WARPS",
           ("kernels.head_argmax", "ENABLED"): "VKAE_SCREENED_HEAD",
-          ("engine.fused_tail", "DEFERRED_NORM"): "VKAE_DEFERRED_NORM", ("engine.fused_tail", "FUSED_MLP"): "VKAE_FUSED_MLP"}
+          ("engine.fused_tail", "PENDING_ADD_NORM"): "VKAE_PENDING_ADD_NORM",
+          ("engine.fused_tail", "PENDING_SANDWICH"): "VKAE_PENDING_SANDWICH", ("engine.fused_tail", "FUSED_MLP"): "VKAE_FUSED_MLP"}
 
 
 def pick_env(result: dict, min_speedup: float = 1.005) -> str:
@@ -173,6 +176,17 @@ def main() -> int:
     gens = {}
     runs: dict[str, list[dict]] = {n: [] for n in names}
 
+    hidden: dict = {}
+
+    def decode_hidden(name: str) -> None:
+        """The variant's decode-step hidden state (fp32 copy), to hold a changed-rounding variant against the
+        default: max |diff| over max |default| and the greedy token, below."""
+        from ab_trees_gpu import step_inputs
+
+        tokens, positions = step_inputs(gens[name], args.context)
+        h, _ = gens[name].step(tokens[:, :1], positions[:, :1])
+        hidden[name] = h.float().clone()
+
     def timed(r: int, name: str) -> None:
         runs[name].append(time_steps(gens[name], args.iters, warm=False, context=args.context))
         t = runs[name][-1]  # as it comes, so a run cut short by a time limit still tells something
@@ -191,6 +205,7 @@ def main() -> int:
             names.remove(name)
             torch.cuda.synchronize()
             continue
+        decode_hidden(name)
         timed(0, name)
     for r in range(1, args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -202,7 +217,7 @@ def main() -> int:
     base_sum = sorted({x["checksum"] for x in runs["default"]})
     print(f"GPU {res['gpu']}; E4B geometry, RANDOM bf16 weights; medians of {args.rounds} rounds of {args.iters} steps")
     print(f"{'variant':<20} {'decode ms':>10} {'verify ms':>10} {'+decode us':>11} {'+verify us':>11} "
-          f"{'per layer us':>13} {'same bits':>10} {'verify==decode':>15}")
+          f"{'per layer us':>13} {'same bits':>10} {'verify==decode':>15} {'rel diff':>9} {'token':>6}")
     layers = lm.model.arch.num_layers
     for name in names:
         med = {k: statistics.median(x[k] for x in runs[name]) for k in ("decode_ms", "verify_ms")}
@@ -212,12 +227,17 @@ def main() -> int:
                "extra_decode_us": 1e3 * (med["decode_ms"] - base["decode_ms"]),
                "extra_verify_us": 1e3 * (med["verify_ms"] - base["verify_ms"]),
                "speedup_decode": base["decode_ms"] / med["decode_ms"],
-               "speedup_verify": base["verify_ms"] / med["verify_ms"]}
+               "speedup_verify": base["verify_ms"] / med["verify_ms"],
+               "hidden_max_rel_diff": ((hidden[name] - hidden["default"]).abs().max()
+                                       / hidden["default"].abs().max()).item(),
+               "same_greedy_token": bool(torch.equal(lm.model.greedy(hidden[name].to(lm.model.dtype)),
+                                                     lm.model.greedy(hidden["default"].to(lm.model.dtype))))}
         res["variants"][name] = row
         per_layer = f"{row['extra_decode_us'] / layers:13.2f}" if name.startswith("rep_") else f"{'':>13}"
         print(f"{name:<20} {med['decode_ms']:>10.3f} {med['verify_ms']:>10.3f} {row['extra_decode_us']:>11.1f} "
               f"{row['extra_verify_us']:>11.1f} {per_layer} {str(row['same_checksum']):>10} "
-              f"{str(row['verify_row0_equals_decode']):>15}")
+              f"{str(row['verify_row0_equals_decode']):>15} {row['hidden_max_rel_diff']:>9.1e} "
+              f"{str(row['same_greedy_token']):>6}")
     print(json.dumps(res))
     return 0
 

@@ -240,23 +240,35 @@ def test_attention_merge_in_o_proj_decode_step_bitwise(alias, max_rows, monkeypa
     _assert_fused_step(model, want, unfused, one_m, wide_m)
 
 
-def test_deferred_norm_decode_step_matches_unfused_and_reference(monkeypatch):
-    """DEFERRED_NORM on, with every GEMV splitting K: each layer's down add + norm is left pending for the PLE gate
-    (`kernels.gemv_deferred_norm.deferred_gate_triton`, once per layer and step; no add_norm kernel), and the step
-    still matches the unfused kernels and the CPU reference, with verify row 0 == decode bit for bit. (With the
-    fused MLP the pending partials are its one partial: the kernel tests cover one input partial.)"""
-    import kernels.gemv_deferred_norm as dn
+@pytest.mark.parametrize("add_norm,sandwich", [(True, False), (True, True)], ids=["add-norm", "add-norm+sandwich"])
+def test_pending_norms_decode_step_matches_unfused_and_reference(add_norm, sandwich, monkeypatch):
+    """PENDING_ADD_NORM on, with every GEMV splitting K: each layer's down add + norm is left pending for the PLE gate
+    (`kernels.pending_add_norm.pending_gate_triton`, once per layer and step; no add_norm kernel); with
+    PENDING_SANDWICH too, every layer's closing sandwich but the last is left pending for the next layer's q/k/v
+    GEMV (`kernels.pending_sandwich`). The step still matches the unfused kernels and the CPU reference, and verify
+    row 0 equals decode bit for bit. (With the fused MLP the pending partials are its one partial: the kernel tests
+    cover one input partial.)"""
+    import kernels.pending_add_norm as pa
+    import kernels.pending_sandwich as ps
 
-    monkeypatch.setattr(fused_tail, "DEFERRED_NORM", True)
-    rows: list[int] = []
+    monkeypatch.setattr(fused_tail, "PENDING_ADD_NORM", add_norm)
+    monkeypatch.setattr(fused_tail, "PENDING_SANDWICH", sandwich)
+    gate_rows: list[int] = []
+    qkv_rows: list[int] = []
 
-    def counted(pending, *a, _fn=dn.deferred_gate_triton, **kw):
-        rows.append(pending.part.shape[1])
+    def counted_gate(pending, *a, _fn=pa.pending_gate_triton, **kw):
+        gate_rows.append(pending.part.shape[1])
         return _fn(pending, *a, **kw)
 
-    monkeypatch.setattr(dn, "deferred_gate_triton", counted)
+    def counted_qkv(pending, *a, _fn=ps.launch_pending_gemv, **kw):
+        qkv_rows.append(pending.y.reshape(-1, pending.y.shape[-1]).shape[0])
+        return _fn(pending, *a, **kw)
+
+    monkeypatch.setattr(pa, "pending_gate_triton", counted_gate)
+    monkeypatch.setattr(ps, "launch_pending_gemv", counted_qkv)
     model, arch, want, unfused, one, wide, calls = _steps("tiny-gemma4", monkeypatch, True)
     L = arch.num_layers
-    assert rows == [9] * L + [1] * L  # the verify step's layers, then the decode step's
+    assert gate_rows == [9] * L + [1] * L  # the verify step's layers, then the decode step's
+    assert qkv_rows == ([9] * (L - 1) + [1] * (L - 1) if sandwich else [])
     assert "linear_add_norm_triton" not in calls and "gelu_gate_linear_triton" not in calls
     _assert_fused_step(model, want, unfused, one, wide)

@@ -1,5 +1,5 @@
 """Compile the GEMV family (`kernels.gemv`, `kernels.gemv_epilogue`, `kernels.gemv_gated_input`, `kernels.splitk_norm`,
-`kernels.gemv_deferred_norm`,
+`kernels.pending_add_norm`,
 `kernels.head_norm`, `kernels.fused_mlp`, `kernels.gemv_merged_input`, decode attention's stage 2, the decode
 step's prologue `kernels.decode_prologue`, the screened greedy head `kernels.head_argmax`) for an H100
 (sm_90) without a GPU: Triton's compiler and the ptxas shipped in its wheel need none.
@@ -81,15 +81,15 @@ def _compile_all() -> int:
               dict(SPLIT=10, X_DTYPE=tl.bfloat16, G_BLOCK=gi.GATED_BLOCK, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                    USE_DOT=bm > 1, DOT_FP32=False, EVEN_K=True, PDL=bm > 1, PREFETCH=2, W_EVICT=""))
     # the PLE gate on down's pending add + norm (E4B: 7 down partials, 10 gate splits), and its reduce writing h
-    import kernels.gemv_deferred_norm as dn
+    import kernels.pending_add_norm as dn
 
     for pdl, even_k in ((True, True), (False, False)):
-        build(dn._deferred_gate_kernel,
+        build(dn._pending_gate_kernel,
               {"part_ptr": "*fp32", "r_ptr": "*bf16", "wpost_ptr": "*bf16", "w_ptr": "*bf16", "gpart_ptr": "*fp32",
                "ss_ptr": "*fp32", **{k: i32 for k in ("M", "N", "H", "srm", "swn", "swk", "k_per_split")}},
               dict(S_IN=7, X_DTYPE=tl.bfloat16, HAS_WPOST=True, PLUS_ONE=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
                    DOT_FP32=False, EVEN_K=even_k, PDL=pdl, PREFETCH=2, W_EVICT=""))
-        build(dn._deferred_reduce_kernel,
+        build(dn._pending_gate_reduce_kernel,
               {"gpart_ptr": "*fp32", "ss_ptr": "*fp32", "o_ptr": "*bf16", "g_ptr": "*bf16", "part_ptr": "*fp32",
                "r_ptr": "*bf16", "wpost_ptr": "*bf16", "h_ptr": "*bf16",
                **{k: i32 for k in ("M", "N", "H", "som", "son", "sgm", "srm", "shm")}, "eps": "fp32",
@@ -139,12 +139,27 @@ def _compile_all() -> int:
     # the fused q/k/v epilogue: from split-K partials (fp32) and from the GEMV's own output (bf16)
     ints = ("T", "HQ", "k_col", "v_col", "s_split", "s_row", "scr", "ssr", "sqr", "sqh", "skcb", "skch", "skcs",
             "svcb", "svch", "svcs", "sspb", "ssps", "srb", "srt", "slb", "slt", "spb", "spt")
-    for split, v_norm in ((3, True), (0, False)):
+    # (split, v norm, pending sandwich input): the pending form combines two row sets and writes h' (E4B: 11 splits)
+    pend_sig = {"ss_ptr": "*fp32", "sc_ptr": "*bf16", "py_ptr": "*bf16", "pr_ptr": "*bf16", "pw_ptr": "*bf16",
+                "ph_ptr": "*bf16", **{k: i32 for k in ("M", "HID", "sym", "srm", "n_heads", "b_off")}}
+    for split, v_norm, pend in ((3, True, False), (0, False, False), (11, True, True)):
         build(hn._qkv_heads_kernel,
               {"src_ptr": "*fp32" if split else "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "cos_ptr": "*bf16",
                "sin_ptr": "*bf16", "q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "sp_ptr": "*i32",
-               "rows_ptr": "*i64", "slots_ptr": "*i64", "pos_ptr": "*i32", **{k: i32 for k in ints}, "eps": "fp32"},
-              dict(D=256, BLOCK_D=256, SPLIT=split, XD=tl.bfloat16, PLUS_ONE=False, V_NORM=v_norm, PDL=True if split else 2), warps=1)
+               "rows_ptr": "*i64", "slots_ptr": "*i64", "pos_ptr": "*i32", **{k: i32 for k in ints}, "eps": "fp32",
+               **pend_sig},
+              dict(D=256, BLOCK_D=256, SPLIT=split, XD=tl.bfloat16, PLUS_ONE=False, V_NORM=v_norm,
+                   PDL=True if split else 2, PEND=pend, HAS_WPOST=pend, HAS_SCALAR=pend), warps=1)
+    # the q/k/v GEMV on a pending sandwich (`kernels.pending_sandwich`)
+    import kernels.pending_sandwich as ps
+
+    for even_k in (True, False):
+        build(ps._pending_qkv_gemv_kernel,
+              {"y_ptr": "*bf16", "r_ptr": "*bf16", "wpost_ptr": "*bf16", "wnext_ptr": "*bf16", "w_ptr": "*bf16",
+               "gpart_ptr": "*fp32", "ss_ptr": "*fp32",
+               **{k: i32 for k in ("M", "N", "H", "sym", "srm", "swn", "swk", "k_per_split")}},
+              dict(HAS_WPOST=True, HAS_WNEXT=True, PLUS_ONE=False, X_DTYPE=tl.bfloat16, BLOCK_M=16, BLOCK_N=64,
+                   BLOCK_K=128, DOT_FP32=False, EVEN_K=even_k, PDL=True, PREFETCH=2, W_EVICT=""))
     # the MLP as one weight stream: tensor-core and M == 1 paths, then its partial sum
     for bm in (16, 1):
         build(fm._mlp_kernel,

@@ -7,9 +7,9 @@ The stop-25 path runs down GEMV -> split-K reduce + add_norm -> gate GEMV -> spl
 kernel moves ~15 KB but sits on the step's critical path as one more dependent launch (1.5-3.6 us each on an
 H100, whatever its bytes; docs/PERF.md, stop 25). The norm is a per-row scalar inv = rsqrt(mean(y0^2) + eps), so
     h @ Wg.T = r @ Wg.T + inv * ((w_post * y0) @ Wg.T)
-and the gate GEMV can read y0's partials itself (`_deferred_gate_kernel`): each program sums the S partials of
+and the gate GEMV can read y0's partials itself (`_pending_gate_kernel`): each program sums the S partials of
 its K slice (L2 hits), dots two rows per stream position with each weight tile (r, and w_post * y0), and sums
-y0^2 over the slice. The gate's split-K reduction, a launch the path had anyway (`_deferred_reduce_kernel`), adds
+y0^2 over the slice. The gate's split-K reduction, a launch the path had anyway (`_pending_gate_reduce_kernel`), adds
 the slices' squares into inv, forms gelu(A + inv * B) * ple_in, and writes h for the residual stream. The chain
 loses one launch per layer; the reads it adds are the down partials once per gate program (4 x 7 x 10 KB at E4B).
 
@@ -17,7 +17,7 @@ Rounding: y0 is rounded to x's dtype as the GEMV output was, inv is that row's r
 sum in split order rather than one tile's tree order), and h = r + cast_x(y0 * inv * w_post) rounded to r's dtype:
 the add_norm kernel's formula. The gate's input differs from the unfused path's by where it rounds: w_post * y0 is
 rounded to x's dtype before the dot (the unfused path rounded norm(y0) * w_post and h instead). Both are one
-rounding of x's dtype per element; `deferred_gate_ref` is this path's arithmetic in PyTorch.
+rounding of x's dtype per element; `pending_gate_ref` is this path's arithmetic in PyTorch.
 
 Row invariance: the launch config is `gemv_config`'s (padded to one 16-row tile per operand row set whatever M is)
 and the reduce is elementwise per row, so a stream position's h and g do not depend on how many positions share
@@ -62,7 +62,7 @@ def _post_factor(w_post: torch.Tensor | None, n: int, plus_one: bool, device: to
 # --------------------------------------------------------------------------------------------
 # Reference (test oracle): this path's rounding points in PyTorch.
 # --------------------------------------------------------------------------------------------
-def deferred_gate_ref(pending: PendingAddNorm, w_gate: torch.Tensor, other: torch.Tensor
+def pending_gate_ref(pending: PendingAddNorm, w_gate: torch.Tensor, other: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, g): h = residual + cast_x(y0 * inv * w_post), g = gelu_tanh(cast_x(r @ Wg.T + inv * (cast_x(w_post * y0)
     @ Wg.T))) * other, y0 = cast_x(sum_s part[s]), inv = rsqrt(mean(y0^2) + eps). h in residual's dtype, g in
@@ -123,7 +123,7 @@ if HAS_TRITON:
         return acc_a, acc_b, ss
 
     @triton.jit
-    def _deferred_gate_kernel(part_ptr, r_ptr, wpost_ptr, w_ptr, gpart_ptr, ss_ptr, M, N, H, srm, swn, swk,
+    def _pending_gate_kernel(part_ptr, r_ptr, wpost_ptr, w_ptr, gpart_ptr, ss_ptr, M, N, H, srm, swn, swk,
                               k_per_split,
                               S_IN: tl.constexpr, X_DTYPE: tl.constexpr, HAS_WPOST: tl.constexpr,
                               PLUS_ONE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -182,7 +182,7 @@ if HAS_TRITON:
         return tl.rsqrt(t / H + eps)
 
     @triton.jit
-    def _deferred_reduce_kernel(gpart_ptr, ss_ptr, o_ptr, g_ptr, part_ptr, r_ptr, wpost_ptr, h_ptr, M, N, H,
+    def _pending_gate_reduce_kernel(gpart_ptr, ss_ptr, o_ptr, g_ptr, part_ptr, r_ptr, wpost_ptr, h_ptr, M, N, H,
                                 som, son, sgm, srm, shm, eps, n_gate_programs,
                                 SPLIT: tl.constexpr, S_IN: tl.constexpr, X_DTYPE: tl.constexpr,
                                 HAS_WPOST: tl.constexpr, PLUS_ONE: tl.constexpr, BLOCK: tl.constexpr,
@@ -235,7 +235,7 @@ def gate_config(pending: PendingAddNorm, w_gate: torch.Tensor, split_k: int | No
 
 
 def supports(pending: PendingAddNorm, w_gate: torch.Tensor) -> bool:
-    """Whether `deferred_gate_triton` runs these operands: <= 16 residual rows of H (unit column stride),
+    """Whether `pending_gate_triton` runs these operands: <= 16 residual rows of H (unit column stride),
     contiguous fp32 partials [S, M, H], w_gate [N, H]."""
     p = pending
     r = _rows(p.residual)
@@ -245,14 +245,14 @@ def supports(pending: PendingAddNorm, w_gate: torch.Tensor) -> bool:
             and p.part.dtype == torch.float32)
 
 
-def deferred_gate_triton(pending: PendingAddNorm, w_gate: torch.Tensor, other: torch.Tensor,
+def pending_gate_triton(pending: PendingAddNorm, w_gate: torch.Tensor, other: torch.Tensor,
                          split_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, g) of `deferred_gate_ref` in two launches: the gate GEMV on the pending residual, then the reduce that
+    """(h, g) of `pending_gate_ref` in two launches: the gate GEMV on the pending residual, then the reduce that
     also writes h (residual's shape). other [M, N]: the per-layer input rows (any strides). `split_k` forces the
     gate's split (tests; the heuristic splits E4B's 256 x 2560 gate)."""
     p = pending
     if not supports(p, w_gate):
-        raise ValueError(f"deferred gate needs residual [M <= {MAX_M}, H], partials [S, M, H] fp32 contiguous and "
+        raise ValueError(f"the pending gate needs residual [M <= {MAX_M}, H], partials [S, M, H] fp32 contiguous and "
                          f"w_gate [N, H]; got {tuple(p.residual.shape)}, {tuple(p.part.shape)} {p.part.dtype}, "
                          f"{tuple(w_gate.shape)}")
     r = _rows(p.residual)
@@ -270,7 +270,7 @@ def deferred_gate_triton(pending: PendingAddNorm, w_gate: torch.Tensor, other: t
     flags = weight_stream_flags(probe, w_gate)
     flags["PREFETCH"] = min(2, flags["PREFETCH"])
     even_k = H % cfg["BLOCK_K"] == 0 and cfg["k_per_split"] % cfg["BLOCK_K"] == 0
-    _deferred_gate_kernel[(cdiv(N, cfg["BLOCK_N"]), split)](
+    _pending_gate_kernel[(cdiv(N, cfg["BLOCK_N"]), split)](
         p.part, r, wpost, w_gate, gpart, ss, M, N, H, r.stride(0), w_gate.stride(0),
         w_gate.stride(1), cfg["k_per_split"],
         S_IN=p.part.shape[0], X_DTYPE=tl_dtype(p.x_dtype), HAS_WPOST=p.w_post is not None,
@@ -279,7 +279,7 @@ def deferred_gate_triton(pending: PendingAddNorm, w_gate: torch.Tensor, other: t
     h = torch.empty(M, H, dtype=p.residual.dtype, device=dev)
     g = torch.empty(M, N, dtype=torch.promote_types(p.x_dtype, other.dtype), device=dev)
     n_gate = cdiv(M * N, REDUCE_BLOCK)
-    _deferred_reduce_kernel[(n_gate + cdiv(M * H, REDUCE_BLOCK),)](
+    _pending_gate_reduce_kernel[(n_gate + cdiv(M * H, REDUCE_BLOCK),)](
         gpart, ss, other, g, p.part, r, wpost, h, M, N, H, other.stride(0), other.stride(1), g.stride(0),
         r.stride(0), h.stride(0), float(p.eps), n_gate,
         SPLIT=split, S_IN=p.part.shape[0], X_DTYPE=tl_dtype(p.x_dtype), HAS_WPOST=p.w_post is not None,

@@ -1,6 +1,6 @@
-"""The PLE gate GEMV on a pending add + norm (`kernels.gemv_deferred_norm`) under TRITON_INTERPRET=1.
+"""The PLE gate GEMV on a pending add + norm (`kernels.pending_add_norm`) under TRITON_INTERPRET=1.
 
-Against this path's own PyTorch arithmetic (`deferred_gate_ref`) and against the unfused path it replaces (the
+Against this path's own PyTorch arithmetic (`pending_gate_ref`) and against the unfused path it replaces (the
 split-K add + norm kernel, then the gate GEMV + GELU): fp32 and fp16, M = 1 .. 16, ragged K tiles, several input
 partials and gate splits, with and without a post-norm weight, (1 + w) norms; row invariance (a row's h and g do
 not depend on M); clear errors.
@@ -14,7 +14,7 @@ RUN_HERE = _testutil.enter_interpreter()  # sets TRITON_INTERPRET=1 before trito
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels.gemv_deferred_norm as dn  # noqa: E402
+import kernels.pending_add_norm as dn  # noqa: E402
 import kernels.gemv_epilogue as ge  # noqa: E402
 import kernels.invariance as invariance  # noqa: E402
 import kernels.splitk_norm as sn  # noqa: E402
@@ -58,8 +58,8 @@ CASES = [(320, 24, 3, 2), (256, 40, 1, None), (200, 16, 5, 4)]
 @pytest.mark.parametrize("H,N,s_in,split", CASES)
 def test_close_to_reference_and_unfused_path(dtype, M, H, N, s_in, split):
     pending, w_gate, other = operands(M, H, N, s_in, dtype)
-    h, g = dn.deferred_gate_triton(pending, w_gate, other, split_k=split)
-    h_ref, g_ref = dn.deferred_gate_ref(pending, w_gate, other)
+    h, g = dn.pending_gate_triton(pending, w_gate, other, split_k=split)
+    h_ref, g_ref = dn.pending_gate_ref(pending, w_gate, other)
     _testutil.assert_close_scaled(h, h_ref, REL)
     _testutil.assert_close_scaled(g, g_ref, REL)
     h_old, g_old = unfused(pending, w_gate, other)
@@ -70,8 +70,8 @@ def test_close_to_reference_and_unfused_path(dtype, M, H, N, s_in, split):
 @pytest.mark.parametrize("w_post,plus_one", [(False, False), (True, True)])
 def test_norm_weight_forms(w_post, plus_one):
     pending, w_gate, other = operands(4, 320, 24, 3, torch.float32, w_post, plus_one)
-    h, g = dn.deferred_gate_triton(pending, w_gate, other, split_k=3)
-    h_ref, g_ref = dn.deferred_gate_ref(pending, w_gate, other)
+    h, g = dn.pending_gate_triton(pending, w_gate, other, split_k=3)
+    h_ref, g_ref = dn.pending_gate_ref(pending, w_gate, other)
     _testutil.assert_close_scaled(h, h_ref, REL)
     _testutil.assert_close_scaled(g, g_ref, REL)
     h_old, g_old = unfused(pending, w_gate, other)
@@ -82,8 +82,8 @@ def test_residual_keeps_its_shape():
     pending, w_gate, other = operands(6, 256, 16, 2, torch.float32)
     p3 = dn.PendingAddNorm(pending.part, pending.x_dtype, pending.residual.view(2, 3, 256), pending.w_post, EPS,
                            False)
-    h3, g3 = dn.deferred_gate_triton(p3, w_gate, other)
-    h, g = dn.deferred_gate_triton(pending, w_gate, other)
+    h3, g3 = dn.pending_gate_triton(p3, w_gate, other)
+    h, g = dn.pending_gate_triton(pending, w_gate, other)
     assert h3.shape == (2, 3, 256) and torch.equal(h3.view(6, 256), h) and torch.equal(g3, g)
 
 
@@ -91,19 +91,19 @@ def test_residual_keeps_its_shape():
 def test_rows_do_not_depend_on_M(dtype, monkeypatch):
     monkeypatch.setattr(invariance, "ROW_INVARIANT", True)
     pending, w_gate, other = operands(9, 320, 24, 3, dtype)
-    h9, g9 = dn.deferred_gate_triton(pending, w_gate, other)
+    h9, g9 = dn.pending_gate_triton(pending, w_gate, other)
     one = dn.PendingAddNorm(pending.part[:, :1].contiguous(), dtype, pending.residual[:1].clone(), pending.w_post,
                             EPS, False)
-    h1, g1 = dn.deferred_gate_triton(one, w_gate, other[:1].clone())
+    h1, g1 = dn.pending_gate_triton(one, w_gate, other[:1].clone())
     assert torch.equal(h1, h9[:1]) and torch.equal(g1, g9[:1])
 
 
 def test_clear_errors():
     pending, w_gate, other = operands(2, 256, 16, 2, torch.float32)
     with pytest.raises(ValueError, match="other"):
-        dn.deferred_gate_triton(pending, w_gate, other[:, :8])
+        dn.pending_gate_triton(pending, w_gate, other[:, :8])
     with pytest.raises(ValueError, match="w_gate"):
-        dn.deferred_gate_triton(pending, w_gate[:, :128], other)
+        dn.pending_gate_triton(pending, w_gate[:, :128], other)
     wide = dn.PendingAddNorm(torch.zeros(2, 17, 256), torch.float32, torch.zeros(17, 256), None, EPS, False)
     assert not dn.supports(wide, w_gate)
     half = dn.PendingAddNorm(pending.part.half(), torch.float32, pending.residual, None, EPS, False)
