@@ -186,6 +186,10 @@ def main() -> int:
         tokens, positions = step_inputs(gens[name], args.context)
         h, _ = gens[name].step(tokens[:, :1], positions[:, :1])
         hidden[name] = h.float().clone()
+        if name != "default" and "default" in hidden:  # as it comes (a run cut short still tells it)
+            d = hidden["default"]
+            print(f"{name}: decode hidden max |diff| / max |default| = "
+                  f"{((hidden[name] - d).abs().max() / d.abs().max()).item():.2e}", flush=True)
 
     def timed(r: int, name: str) -> None:
         runs[name].append(time_steps(gens[name], args.iters, warm=False, context=args.context))
