@@ -266,7 +266,7 @@ def ple_sandwich(gate: Linear, proj: Linear, h, per_layer_input: torch.Tensor, w
     projection, then (new residual h, next layer's normed input). h may be pending (`mlp_add_norm`'s
     `PendingAddNorm`): the gate GEMV then applies the add + norm itself and writes h. With `consumer` (the next
     layer's q/k/v projection) and PENDING_SANDWICH, where it can take it: (h', a `PendingSandwich`) whose h' the
-    consumer's epilogue writes (`proj_qkv_heads`)."""
+    consumer's epilogue writes (`proj_qkv_heads`); not after FUSED_PLE's two-launch path (its own sandwich)."""
     if not isinstance(h, torch.Tensor):
         from kernels.pending_add_norm import pending_gate_triton
 
@@ -279,31 +279,21 @@ def ple_sandwich(gate: Linear, proj: Linear, h, per_layer_input: torch.Tensor, w
         x, other = _rows(h), _rows(per_layer_input)
         if fusable_shapes(x, gate.weight, proj.weight):
             y = gelu_gate_linear_triton(x, gate.weight, other, proj.weight).view(*h.shape[:-1], -1)
-            pending = _pending_sandwich(y, h, w_post, w_next, scalar, eps, plus_one, consumer)
-            if pending is not None:
-                return pending.h_out, pending
             res = h.to(torch.promote_types(y.dtype, h.dtype))  # a no-op in the engine
             return post_norm_residual_pre_norm_triton(y, res, w_post, w_next, eps, plus_one, scalar=scalar)
     g = proj_gelu_gate(gate, h, per_layer_input)
     return _ple_proj_tail(proj, g, h, w_post, w_next, scalar, eps, plus_one, consumer)
 
 
-def _pending_sandwich(y: torch.Tensor, h: torch.Tensor, w_post: torch.Tensor, w_next: torch.Tensor,
-                      scalar: torch.Tensor | None, eps: float, plus_one: bool, consumer: Linear | None):
-    """The sandwich of y into h as a `PendingSandwich` for `consumer`, or None where it stays a kernel of its own."""
-    if consumer is None or not (PENDING_SANDWICH and FUSED_QKV and fusable(h, consumer.weight)):
-        return None
-    from kernels.pending_sandwich import PendingSandwich, supports
-
-    pending = PendingSandwich(y, h, w_post, w_next, scalar, eps, plus_one, torch.empty_like(h))
-    return pending if y.dtype == h.dtype and supports(pending, consumer.weight) else None
-
-
 def _ple_proj_tail(proj: Linear, g: torch.Tensor, h: torch.Tensor, w_post: torch.Tensor, w_next: torch.Tensor,
                    scalar: torch.Tensor | None, eps: float, plus_one: bool, consumer: Linear | None):
-    """`proj_sandwich(proj, g, h, ...)`, or (h', `PendingSandwich`) of proj(g) where the consumer takes it."""
-    if consumer is not None and PENDING_SANDWICH and fusable(g, proj.weight):
-        pending = _pending_sandwich(proj(g), h, w_post, w_next, scalar, eps, plus_one, consumer)
-        if pending is not None:
+    """`proj_sandwich(proj, g, h, ...)`, or (h', a `PendingSandwich` of proj(g)) where the consumer takes it."""
+    if consumer is not None and PENDING_SANDWICH and FUSED_QKV and g.dtype == h.dtype and fusable(g, proj.weight) \
+            and fusable(h, consumer.weight):
+        from kernels.pending_sandwich import PendingSandwich, supports
+
+        # h stands in for proj(g) (same shape and dtype) so the check runs before the projection
+        if supports(PendingSandwich(h, h, w_post, w_next, scalar, eps, plus_one, h), consumer.weight):
+            pending = PendingSandwich(proj(g), h, w_post, w_next, scalar, eps, plus_one, torch.empty_like(h))
             return pending.h_out, pending
     return proj_sandwich(proj, g, h, w_post, w_next, scalar, eps, plus_one)

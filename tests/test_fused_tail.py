@@ -240,19 +240,18 @@ def test_attention_merge_in_o_proj_decode_step_bitwise(alias, max_rows, monkeypa
     _assert_fused_step(model, want, unfused, one_m, wide_m)
 
 
-@pytest.mark.parametrize("add_norm,sandwich", [(True, False), (True, True)], ids=["add-norm", "add-norm+sandwich"])
-def test_pending_norms_decode_step_matches_unfused_and_reference(add_norm, sandwich, monkeypatch):
-    """PENDING_ADD_NORM on, with every GEMV splitting K: each layer's down add + norm is left pending for the PLE gate
-    (`kernels.pending_add_norm.pending_gate_triton`, once per layer and step; no add_norm kernel); with
-    PENDING_SANDWICH too, every layer's closing sandwich but the last is left pending for the next layer's q/k/v
-    GEMV (`kernels.pending_sandwich`). The step still matches the unfused kernels and the CPU reference, and verify
-    row 0 equals decode bit for bit. (With the fused MLP the pending partials are its one partial: the kernel tests
-    cover one input partial.)"""
+def test_pending_norms_decode_step_matches_unfused_and_reference(monkeypatch):
+    """PENDING_ADD_NORM and PENDING_SANDWICH on, with every GEMV splitting K: each layer's down add + norm is left
+    pending for the PLE gate (`kernels.pending_add_norm.pending_gate_triton`, once per layer and step; no add_norm
+    kernel), and every layer's closing sandwich but the last is left pending for the next layer's q/k/v GEMV
+    (`kernels.pending_sandwich`); the last layer runs the pending gate with the plain sandwich after it. The step
+    still matches the unfused kernels and the CPU reference, and verify row 0 equals decode bit for bit. (With the
+    fused MLP the pending partials are its one partial: the kernel tests cover one input partial.)"""
     import kernels.pending_add_norm as pa
     import kernels.pending_sandwich as ps
 
-    monkeypatch.setattr(fused_tail, "PENDING_ADD_NORM", add_norm)
-    monkeypatch.setattr(fused_tail, "PENDING_SANDWICH", sandwich)
+    monkeypatch.setattr(fused_tail, "PENDING_ADD_NORM", True)
+    monkeypatch.setattr(fused_tail, "PENDING_SANDWICH", True)
     gate_rows: list[int] = []
     qkv_rows: list[int] = []
 
@@ -269,6 +268,6 @@ def test_pending_norms_decode_step_matches_unfused_and_reference(add_norm, sandw
     model, arch, want, unfused, one, wide, calls = _steps("tiny-gemma4", monkeypatch, True)
     L = arch.num_layers
     assert gate_rows == [9] * L + [1] * L  # the verify step's layers, then the decode step's
-    assert qkv_rows == ([9] * (L - 1) + [1] * (L - 1) if sandwich else [])
+    assert qkv_rows == [9] * (L - 1) + [1] * (L - 1)
     assert "linear_add_norm_triton" not in calls and "gelu_gate_linear_triton" not in calls
     _assert_fused_step(model, want, unfused, one, wide)
