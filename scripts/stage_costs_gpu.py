@@ -105,7 +105,8 @@ ENV_OF = {("kernels._common", "PDL_EARLY_SHORT"): "VKAE_PDL_EARLY", ("engine.fus
           ("kernels.decode_attention", "ATTN_NUM_WARPS"): "VKAE_ATTN_NUM_WARPS",
           ("kernels.head_argmax", "ENABLED"): "VKAE_SCREENED_HEAD",
           ("engine.fused_tail", "PENDING_ADD_NORM"): "VKAE_PENDING_ADD_NORM",
-          ("engine.fused_tail", "PENDING_SANDWICH"): "VKAE_PENDING_SANDWICH", ("engine.fused_tail", "FUSED_MLP"): "VKAE_FUSED_MLP"}
+          ("engine.fused_tail", "PENDING_SANDWICH"): "VKAE_PENDING_SANDWICH",
+          ("engine.fused_tail", "FUSED_MLP"): "VKAE_FUSED_MLP"}
 
 
 def pick_env(result: dict, min_speedup: float = 1.005) -> str:

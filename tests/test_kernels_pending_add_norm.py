@@ -108,3 +108,22 @@ def test_clear_errors():
     assert not dn.supports(wide, w_gate)
     half = dn.PendingAddNorm(pending.part.half(), torch.float32, pending.residual, None, EPS, False)
     assert not dn.supports(half, w_gate)
+
+
+def test_e4b_shapes_close_to_unfused_and_row_invariant(monkeypatch):
+    """E4B's shapes (down's 7 partials of 2560, the 256 x 2560 gate at its heuristic 10 splits), fp16: h and g of a
+    9-row call match the unfused path, and its row 0 equals a 1-row call bit for bit."""
+    monkeypatch.setattr(invariance, "ROW_INVARIANT", True)
+    dt, H, N = torch.float16, 2560, 256
+    pending = dn.PendingAddNorm(rand((7, 9, H), torch.float32, 11, 0.5), dt, rand((9, H), dt, 12),
+                                rand((H,), dt, 13, 0.3), EPS, False)
+    w_gate, other = rand((N, H), dt, 14, 0.02), rand((9, N), dt, 15)
+    assert dn.gate_config(pending, w_gate)["SPLIT_K"] == 10
+    h, g = dn.pending_gate_triton(pending, w_gate, other)
+    h_old, g_old = unfused(pending, w_gate, other)
+    _testutil.assert_close_scaled(h, h_old, REL)
+    _testutil.assert_close_scaled(g, g_old, REL_UNFUSED)
+    one = dn.PendingAddNorm(pending.part[:, :1].contiguous(), dt, pending.residual[:1].clone(), pending.w_post, EPS,
+                            False)
+    h1, g1 = dn.pending_gate_triton(one, w_gate, other[:1].clone())
+    assert torch.equal(h1, h[:1]) and torch.equal(g1, g[:1])
