@@ -53,7 +53,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _post_factor(w_post: torch.Tensor | None, n: int, plus_one: bool, device: torch.device) -> torch.Tensor:
+def post_factor(w_post: torch.Tensor | None, n: int, plus_one: bool, device: torch.device) -> torch.Tensor:
+    """A norm's fp32 weight factor over n columns: w, 1 + w (plus_one), or ones without a weight."""
     if w_post is None:
         return torch.ones(n, device=device)
     return 1.0 + w_post.float() if plus_one else w_post.float()
@@ -72,7 +73,7 @@ def pending_gate_ref(pending: PendingAddNorm, w_gate: torch.Tensor, other: torch
     for s in range(1, p.part.shape[0]):
         acc += p.part[s]
     y0 = acc.to(p.x_dtype).float()
-    wp = _post_factor(p.w_post, y0.shape[-1], p.plus_one, y0.device)
+    wp = post_factor(p.w_post, y0.shape[-1], p.plus_one, y0.device)
     inv = torch.rsqrt(y0.pow(2).mean(-1, keepdim=True) + p.eps)
     r = _rows(p.residual).float()
     h = (r + (y0 * inv * wp).to(p.x_dtype).float()).to(p.residual.dtype).view(p.residual.shape)
@@ -90,6 +91,30 @@ if HAS_TRITON:
     from ._common import pdl_wait
     from .gemv import _w_tile
     from .gemv_epilogue import _gelu_tanh
+    from .rmsnorm import _scale
+
+    @triton.jit
+    def _two_row_program(w_ptr, M, N, K, swn, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Where this program sits in a GEMV of two row sets per position (grid (N / BLOCK_N, splits); also
+        `kernels.pending_sandwich`): (pid_n, pid_k, its columns and their mask, the tile rows and their mask, its
+        weight-row pointers [BLOCK_N, 1], its K slice [k_start, k_end)). Out-of-range weight rows clamp to row 0
+        (unmasked vector loads along K) and are dropped at the store."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_m = tl.arange(0, BLOCK_M)
+        w_rows = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * swn
+        k_start = pid_k * k_per_split
+        return pid_n, pid_k, offs_n, n_ok, offs_m, offs_m < M, w_rows, k_start, tl.minimum(k_start + k_per_split, K)
+
+    @triton.jit
+    def _store_two_row_sets(gpart_ptr, acc_a, acc_b, pid_k, M, N, offs_m, m_ok, offs_n, n_ok):
+        """The two row sets' fp32 sums into gpart [splits, 2, M, N] at split pid_k."""
+        mask = m_ok[:, None] & n_ok[None, :]
+        base = (pid_k * 2 * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+        tl.store(gpart_ptr + base, acc_a, mask=mask)
+        tl.store(gpart_ptr + base + M * N, acc_b, mask=mask)
 
     @triton.jit
     def _pending_tile(acc_a, acc_b, ss, w, part_ptr, r_ptr, wpost_ptr, offs_m, m_ok, offs_k, H, M, srm,
@@ -105,13 +130,7 @@ if HAS_TRITON:
             y += tl.load(part_ptr + (s * M + offs_m[:, None]).to(tl.int64) * H + offs_k[None, :], mask=mk, other=0.0)
         y = y.to(X_DTYPE).to(tl.float32)
         ss += tl.sum(y * y, axis=1)
-        if HAS_WPOST:
-            wp = tl.load(wpost_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            if PLUS_ONE:
-                wp = 1.0 + wp
-            b = y * wp[None, :]
-        else:
-            b = y
+        b = y * _scale(wpost_ptr, offs_k, k_ok, HAS_WPOST, PLUS_ONE)
         if DOT_FP32:
             wt = tl.trans(w.to(tl.float32))
             acc_a += tl.dot(r.to(X_DTYPE).to(tl.float32), wt, input_precision="ieee")
@@ -132,15 +151,8 @@ if HAS_TRITON:
         """Grid (N / BLOCK_N, splits). Writes gpart [splits, 2, M, N] (the r rows' sums, then the w_post * y0 rows')
         and, from the first column program, ss [splits, M] (y0^2 over the split's K slice). The first PREFETCH
         (1 or 2) weight tiles are requested before the PDL wait, as `kernels.gemv._gemv_acc` does."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        offs_m = tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        w_rows = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * swn  # clamped, dropped at the store
-        k_start = pid_k * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, H)
+        pid_n, pid_k, offs_n, n_ok, offs_m, m_ok, w_rows, k_start, k_end = _two_row_program(
+            w_ptr, M, N, H, swn, k_per_split, BLOCK_M, BLOCK_N)
         acc_a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_b = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         ss = tl.zeros([BLOCK_M], tl.float32)
@@ -165,11 +177,7 @@ if HAS_TRITON:
             acc_a, acc_b, ss = _pending_tile(acc_a, acc_b, ss, wk, part_ptr, r_ptr, wpost_ptr, offs_m, m_ok,
                                              tl.where(ks < k_end, ks, H), H, M, srm, S_IN, X_DTYPE, HAS_WPOST,
                                              PLUS_ONE, DOT_FP32)
-        rows = offs_m[:, None]
-        mask = m_ok[:, None] & n_ok[None, :]
-        base = (pid_k * 2 * M + rows).to(tl.int64) * N + offs_n[None, :]
-        tl.store(gpart_ptr + base, acc_a, mask=mask)
-        tl.store(gpart_ptr + base + M * N, acc_b, mask=mask)
+        _store_two_row_sets(gpart_ptr, acc_a, acc_b, pid_k, M, N, offs_m, m_ok, offs_n, n_ok)
         if pid_n == 0:
             tl.store(ss_ptr + pid_k * M + offs_m, ss, mask=m_ok)
 

@@ -31,6 +31,7 @@ import torch
 
 from ._common import HAS_TRITON, cdiv, pdl_flags, tl, tl_dtype, triton
 from .gemv import MAX_M, resolve_config, weight_stream_flags
+from .pending_add_norm import post_factor
 
 N_SUMS = 4  # y^2, h^2, h * w_post * y, (w_post * y)^2
 
@@ -76,12 +77,7 @@ def pending_input_ref(p: PendingSandwich) -> tuple[torch.Tensor, torch.Tensor, t
     y, r = _rows(p.y).float(), _rows(p.residual).float()
     dt, H = p.y.dtype, y.shape[-1]
 
-    def factor(w):
-        if w is None:
-            return torch.ones(H)
-        return 1.0 + w.float() if p.plus_one else w.float()
-
-    wp, wn = factor(p.w_post), factor(p.w_next)
+    wp, wn = (post_factor(w, H, p.plus_one, y.device) for w in (p.w_post, p.w_next))
     sc = p.scalar.float().reshape(()) if p.scalar is not None else torch.tensor(1.0)
     inv_y = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + p.eps)
     b = y * wp
@@ -98,16 +94,8 @@ def pending_input_ref(p: PendingSandwich) -> tuple[torch.Tensor, torch.Tensor, t
 if HAS_TRITON:
     from ._common import pdl_wait
     from .gemv import _w_tile
-
-    @triton.jit
-    def _factor(w_ptr, offs_k, k_ok, HAS_W: tl.constexpr, PLUS_ONE: tl.constexpr):
-        if HAS_W:
-            w = tl.load(w_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            if PLUS_ONE:
-                w = 1.0 + w
-        else:
-            w = tl.full(offs_k.shape, 1.0, tl.float32)
-        return w[None, :]
+    from .pending_add_norm import _store_two_row_sets, _two_row_program
+    from .rmsnorm import _scale
 
     @triton.jit
     def _sandwich_tile(acc_a, acc_b, s_yy, s_hh, s_hb, s_bb, w, y_ptr, r_ptr, wpost_ptr, wnext_ptr, offs_m, m_ok,
@@ -118,8 +106,8 @@ if HAS_TRITON:
         mk = m_ok[:, None] & k_ok[None, :]
         h = tl.load(r_ptr + offs_m[:, None] * srm + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + offs_m[:, None] * sym + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
-        b = y * _factor(wpost_ptr, offs_k, k_ok, HAS_WPOST, PLUS_ONE)
-        wn = _factor(wnext_ptr, offs_k, k_ok, HAS_WNEXT, PLUS_ONE)
+        b = y * _scale(wpost_ptr, offs_k, k_ok, HAS_WPOST, PLUS_ONE)
+        wn = _scale(wnext_ptr, offs_k, k_ok, HAS_WNEXT, PLUS_ONE)
         s_yy += tl.sum(y * y, axis=1)
         s_hh += tl.sum(h * h, axis=1)
         s_hb += tl.sum(h * b, axis=1)
@@ -145,15 +133,8 @@ if HAS_TRITON:
                                  PDL: tl.constexpr, PREFETCH: tl.constexpr, W_EVICT: tl.constexpr):
         """Grid (N / BLOCK_N, splits): gpart [splits, 2, M, N] (the w_next * h rows' sums, then the other rows'),
         and from the first column program ss [splits, 4, M]. Weight tiles 1..PREFETCH <= 2 before the PDL wait."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        offs_m = tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        w_rows = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * swn  # clamped, dropped at the store
-        k_start = pid_k * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, H)
+        pid_n, pid_k, offs_n, n_ok, offs_m, m_ok, w_rows, k_start, k_end = _two_row_program(
+            w_ptr, M, N, H, swn, k_per_split, BLOCK_M, BLOCK_N)
         acc_a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_b = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         s_yy = tl.zeros([BLOCK_M], tl.float32)
@@ -181,11 +162,7 @@ if HAS_TRITON:
             acc_a, acc_b, s_yy, s_hh, s_hb, s_bb = _sandwich_tile(
                 acc_a, acc_b, s_yy, s_hh, s_hb, s_bb, wk, y_ptr, r_ptr, wpost_ptr, wnext_ptr, offs_m, m_ok,
                 tl.where(ks < k_end, ks, H), H, sym, srm, HAS_WPOST, HAS_WNEXT, PLUS_ONE, X_DTYPE, DOT_FP32)
-        rows = offs_m[:, None]
-        mask = m_ok[:, None] & n_ok[None, :]
-        base = (pid_k * 2 * M + rows).to(tl.int64) * N + offs_n[None, :]
-        tl.store(gpart_ptr + base, acc_a, mask=mask)
-        tl.store(gpart_ptr + base + M * N, acc_b, mask=mask)
+        _store_two_row_sets(gpart_ptr, acc_a, acc_b, pid_k, M, N, offs_m, m_ok, offs_n, n_ok)
         if pid_n == 0:
             sb = ss_ptr + pid_k * 4 * M + offs_m
             tl.store(sb, s_yy, mask=m_ok)
