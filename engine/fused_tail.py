@@ -28,7 +28,7 @@ from .linear import Linear
 
 FUSED_EPILOGUES: bool = os.environ.get("VKAE_FUSED_EPILOGUES", "1") != "0"
 # The q/k/v projection's epilogue (q norm + RoPE, K/V norms + RoPE + cache write) reading the GEMV's split-K
-# partials in one launch (`kernels.head_norm.linear_qkv_heads_triton`): 4 launches -> 2 per layer. Needs
+# partials in one launch (`kernels.qkv_heads.linear_qkv_heads_triton`): 4 launches -> 2 per layer. Needs
 # FUSED_EPILOGUES too; its own switch (env VKAE_FUSED_QKV) for the A/B. Read at call time.
 FUSED_QKV: bool = os.environ.get("VKAE_FUSED_QKV", "1") != "0"
 # The MLP as one weight stream (`kernels.fused_mlp`: gate+up, GeGLU and down split along the intermediate
@@ -108,14 +108,14 @@ def proj_qkv_heads(lin: Linear, x: torch.Tensor, num_heads: int, kv_heads: int, 
         from kernels.pending_sandwich import materialize_ref, supports
 
         if FUSED_QKV and fusable(x.y, lin.weight) and supports(x, lin.weight):
-            from kernels.head_norm import linear_qkv_heads_triton
+            from kernels.qkv_heads import linear_qkv_heads_triton
 
             return linear_qkv_heads_triton(x, lin.weight, num_heads, kv_heads, head_dim, q_norm,
                                            k_norm if kv is not None else None, cos, sin, kv, eps, plus_one, v_norm,
                                            k_eq_v)
         x = materialize_ref(x)[1]
     if FUSED_QKV and fusable(x, lin.weight):
-        from kernels.head_norm import linear_qkv_heads_triton
+        from kernels.qkv_heads import linear_qkv_heads_triton
 
         return linear_qkv_heads_triton(x, lin.weight, num_heads, kv_heads, head_dim, q_norm,
                                        k_norm if kv is not None else None, cos, sin, kv, eps, plus_one, v_norm,

@@ -9,7 +9,7 @@ inv_y = rsqrt(mean(y^2) + eps) and inv_h = rsqrt(mean(h'^2) + eps), and
     x @ W.T = inv_h * scalar * ((w_next * h) @ W.T + inv_y * ((w_next * w_post * y) @ W.T))
     mean(h'^2) = scalar^2 * (S_hh + 2 inv_y S_hb + inv_y^2 S_bb) / H,   b = w_post * y
 so the q/k/v GEMV (`_pending_qkv_gemv_kernel`) reads h and y, dots two rows per stream position with each weight
-tile, and sums y^2, h^2, h * b and b^2 over its K slice. The q/k/v epilogue (`kernels.head_norm._qkv_heads_kernel`
+tile, and sums y^2, h^2, h * b and b^2 over its K slice. The q/k/v epilogue (`kernels.qkv_heads._qkv_heads_kernel`
 with PENDING), a launch the path has anyway, adds the slices' sums into the two scalars, combines the two rows'
 partials before its head norms, and (extra programs) writes h' for the residual stream with the sandwich's own
 formula. One launch fewer per layer.

@@ -121,6 +121,7 @@ def _small_cases() -> list[tuple]:
     import kernels.gemv as gv
     import kernels.gemv_epilogue as ge
     import kernels.head_norm as hn
+    import kernels.qkv_heads as qh
     import kernels.rmsnorm as rn
     import kernels.splitk_norm as sn
     from engine.fused_tail import ATTN_MERGE_MAX_SPLITS
@@ -158,12 +159,14 @@ def _small_cases() -> list[tuple]:
         S = 528 if D == 256 else 4096
         ints = dict(T=1, HQ=8, k_col=8 * D, v_col=8 * D + hkv * D, s_split=n, s_row=n, scr=D, ssr=D, sqr=8 * D,
                     sqh=D, skcb=hkv * S * D, skch=S * D, skcs=D, svcb=hkv * S * D, svch=S * D, svcs=D,
-                    sspb=S, ssps=1, srb=1, srt=1, slb=1, slt=1, spb=1, spt=1)
+                    sspb=S, ssps=1, srb=1, srt=1, slb=1, slt=1, spb=1, spt=1,
+                    M=1, HID=H, sym=0, srm=0, n_heads=8 + hkv, b_off=0)  # the pending-sandwich args, unused
         ptrs = {"src_ptr": "*fp32", "qw_ptr": bf, "kw_ptr": bf, "cos_ptr": bf, "sin_ptr": bf, "q_ptr": bf,
                 "kc_ptr": bf, "vc_ptr": bf, "sp_ptr": "*i32", "rows_ptr": "*i64", "slots_ptr": "*i64",
-                "pos_ptr": "*i32"}
-        cases.append((f"_qkv_heads_kernel D {D} split {qkv_split}", hn._qkv_heads_kernel, ints, ptrs, ("eps",),
-                      dict(D=D, BLOCK_D=D, SPLIT=qkv_split, XD=tl.bfloat16, PLUS_ONE=False, V_NORM=True, PDL=True),
+                "pos_ptr": "*i32", **{k: "*fp32" for k in ("ss_ptr", "sc_ptr", "py_ptr", "pr_ptr", "pw_ptr", "ph_ptr")}}
+        cases.append((f"_qkv_heads_kernel D {D} split {qkv_split}", qh._qkv_heads_kernel, ints, ptrs, ("eps",),
+                      dict(D=D, BLOCK_D=D, SPLIT=qkv_split, XD=tl.bfloat16, PLUS_ONE=False, V_NORM=True, PDL=True,
+                           PEND=False, HAS_WPOST=False, HAS_SCALAR=False),
                       hn._warps(D), 3))
         G = 4
         block_m, block_n_a, warps_a, splits = da.launch_config(D, G, 1, hkv, S, 132)

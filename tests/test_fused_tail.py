@@ -24,7 +24,7 @@ import kernels.fused_mlp as fm  # noqa: E402
 import kernels.gemv as gv  # noqa: E402
 import kernels.gemv_epilogue as ge  # noqa: E402
 import kernels.gemv_gated_input as gi  # noqa: E402
-import kernels.head_norm as hn  # noqa: E402
+import kernels.qkv_heads as qh  # noqa: E402
 import kernels.invariance as invariance  # noqa: E402
 import kernels.splitk_norm as sn  # noqa: E402
 from kernels._common import cdiv  # noqa: E402
@@ -33,7 +33,7 @@ _needs_interpreter, test_interpreter_in_fresh_process = _testutil.interpreter_gu
 
 EPS = 1e-6
 FUSED_KERNELS = ((sn, "linear_sandwich_triton"), (sn, "linear_add_norm_triton"), (ge, "linear_geglu_triton"),
-                 (ge, "linear_gelu_gate_triton"), (hn, "linear_qkv_heads_triton"), (gi, "gelu_gate_linear_triton"))
+                 (ge, "linear_gelu_gate_triton"), (qh, "linear_qkv_heads_triton"), (gi, "gelu_gate_linear_triton"))
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """Compile the GEMV family (`kernels.gemv`, `kernels.gemv_epilogue`, `kernels.gemv_gated_input`, `kernels.splitk_norm`,
-`kernels.pending_add_norm`,
-`kernels.head_norm`, `kernels.fused_mlp`, `kernels.gemv_merged_input`, decode attention's stage 2, the decode
+`kernels.pending_add_norm`, `kernels.pending_sandwich`,
+`kernels.head_norm`, `kernels.qkv_heads`, `kernels.fused_mlp`, `kernels.gemv_merged_input`, decode attention's stage 2, the decode
 step's prologue `kernels.decode_prologue`, the screened greedy head `kernels.head_argmax`) for an H100
 (sm_90) without a GPU: Triton's compiler and the ptxas shipped in its wheel need none.
 
@@ -33,7 +33,7 @@ def _compile_all() -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import kernels.fused_mlp as fm
     import kernels.gemv as gv
-    import kernels.head_norm as hn
+    import kernels.qkv_heads as qh
     import kernels.gemv_epilogue as ge
     import kernels.gemv_gated_input as gi
     import kernels.splitk_norm as sn
@@ -143,7 +143,7 @@ def _compile_all() -> int:
     pend_sig = {"ss_ptr": "*fp32", "sc_ptr": "*bf16", "py_ptr": "*bf16", "pr_ptr": "*bf16", "pw_ptr": "*bf16",
                 "ph_ptr": "*bf16", **{k: i32 for k in ("M", "HID", "sym", "srm", "n_heads", "b_off")}}
     for split, v_norm, pend in ((3, True, False), (0, False, False), (11, True, True)):
-        build(hn._qkv_heads_kernel,
+        build(qh._qkv_heads_kernel,
               {"src_ptr": "*fp32" if split else "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "cos_ptr": "*bf16",
                "sin_ptr": "*bf16", "q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "sp_ptr": "*i32",
                "rows_ptr": "*i64", "slots_ptr": "*i64", "pos_ptr": "*i32", **{k: i32 for k in ints}, "eps": "fp32",

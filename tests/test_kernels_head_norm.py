@@ -15,6 +15,7 @@ import torch  # noqa: E402
 
 import engine.ops as ops  # noqa: E402
 import kernels.head_norm as hn  # noqa: E402
+import kernels.qkv_heads as qh  # noqa: E402
 
 
 _needs_interpreter, test_interpreter_in_fresh_process = _testutil.interpreter_guards(RUN_HERE, __file__)
@@ -148,9 +149,9 @@ def test_fused_qkv_heads_matches_reference_and_unfused_kernels(dtype, split, has
     x, w, qw, kw, cos, sin, idx, (B, Hkv, S, D) = _qkv_case(dtype, has_kv, k_eq_v, seed=20 + split)
     H = 4
     caches = {name: make_cache(B, Hkv, S, D, dtype) for name in ("ref", "fused", "unfused")}
-    q_ref = hn.linear_qkv_heads_ref(x, w, H, Hkv, D, qw, kw, cos, sin, _kv(caches["ref"], idx), EPS, False, v_norm,
+    q_ref = qh.linear_qkv_heads_ref(x, w, H, Hkv, D, qw, kw, cos, sin, _kv(caches["ref"], idx), EPS, False, v_norm,
                                     k_eq_v)
-    q = hn.linear_qkv_heads_triton(x, w, H, Hkv, D, qw, kw, cos, sin, _kv(caches["fused"], idx), EPS, False, v_norm,
+    q = qh.linear_qkv_heads_triton(x, w, H, Hkv, D, qw, kw, cos, sin, _kv(caches["fused"], idx), EPS, False, v_norm,
                                    k_eq_v, split_k=split, block_k=16)
     # the unfused kernel path the engine ran before: GEMV (+ split-K reduction), q norm + RoPE, K/V write
     from kernels.gemv import linear_small_m_triton
@@ -181,5 +182,5 @@ def test_fused_qkv_heads_matches_reference_and_unfused_kernels(dtype, split, has
 def test_fused_qkv_heads_rejects_a_mismatched_weight():
     x, w, qw, kw, cos, sin, idx, (B, Hkv, S, D) = _qkv_case(torch.float32, True, False, seed=3)
     with pytest.raises(ValueError, match="weight has"):
-        hn.linear_qkv_heads_triton(x, w[:-1], 4, Hkv, D, qw, kw, cos, sin, _kv(make_cache(B, Hkv, S, D,
+        qh.linear_qkv_heads_triton(x, w[:-1], 4, Hkv, D, qw, kw, cos, sin, _kv(make_cache(B, Hkv, S, D,
                                    torch.float32), idx), EPS, False, True, False)

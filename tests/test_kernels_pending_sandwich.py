@@ -16,7 +16,7 @@ RUN_HERE = _testutil.enter_interpreter()  # sets TRITON_INTERPRET=1 before trito
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels.head_norm as hn  # noqa: E402
+import kernels.qkv_heads as qh  # noqa: E402
 import kernels.pending_sandwich as ps  # noqa: E402
 from kernels.rmsnorm import post_norm_residual_pre_norm_ref  # noqa: E402
 
@@ -62,13 +62,13 @@ def _run(pending, w, qw, kw, cos, sin, idx, v_norm, k_eq_v, split, pend=True, ge
     cache = _cache(B, pending.y.dtype, geo)
     kv = (*cache, *idx) if kw is not None else None
     if pend:
-        q = hn.linear_qkv_heads_triton(pending, w, H_HEADS, HKV, D, qw, kw, cos, sin, kv, EPS, pending.plus_one,
+        q = qh.linear_qkv_heads_triton(pending, w, H_HEADS, HKV, D, qw, kw, cos, sin, kv, EPS, pending.plus_one,
                                        v_norm, k_eq_v, split_k=split,
                                        block_k=16 if split is not None else None)
         return q, cache, pending.h_out
     h, x = post_norm_residual_pre_norm_ref(pending.y, pending.residual, pending.w_post, pending.w_next, EPS,
                                            pending.plus_one, pending.scalar)
-    q = hn.linear_qkv_heads_ref(x, w, H_HEADS, HKV, D, qw, kw, cos, sin, kv, EPS, pending.plus_one, v_norm, k_eq_v)
+    q = qh.linear_qkv_heads_ref(x, w, H_HEADS, HKV, D, qw, kw, cos, sin, kv, EPS, pending.plus_one, v_norm, k_eq_v)
     return q, cache, h
 
 
