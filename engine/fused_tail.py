@@ -245,13 +245,13 @@ def mlp_add_norm(gate_up: Linear, down: Linear, x: torch.Tensor, residual: torch
             pending = PendingAddNorm(part, x.dtype, residual, w_post, eps, plus_one)
             if supports(pending, consumer.weight):
                 return pending
-            return sandwich_from_partials_h(pending)
+            return _pending_h(pending)
     if _mlp_fusable(gate_up, down, x):
         return _mlp_tail(gate_up, down, x, residual, w_post, None, None, eps, plus_one)[0]
     return proj_add_norm(down, proj_geglu(gate_up, x), residual, w_post, eps, plus_one)
 
 
-def sandwich_from_partials_h(pending) -> torch.Tensor:
+def _pending_h(pending) -> torch.Tensor:
     """h of a `PendingAddNorm` by the split-K add + norm kernel (where the gate cannot take it pending)."""
     from kernels.splitk_norm import sandwich_from_partials
 

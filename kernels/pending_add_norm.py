@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import HAS_TRITON, cdiv, pdl_flags, tl, tl_dtype, triton
-from .gemv import MAX_M, launch_gemv, resolve_config, weight_stream_flags
+from .gemv import MAX_M, resolve_config, weight_stream_flags
 
 REDUCE_BLOCK = 1024  # outputs per reduce program (gate outputs, or h columns)
 
@@ -234,12 +234,19 @@ if HAS_TRITON:
             tl.store(h_ptr + m * shm + c, (r + y.to(X_DTYPE).to(tl.float32)).to(h_ptr.dtype.element_ty), mask=ok)
 
 
-def gate_config(pending: PendingAddNorm, w_gate: torch.Tensor, split_k: int | None = None) -> dict[str, int]:
-    """The gate GEMV's launch config: `gemv_config`'s tiles and split for an [M, H] input, one 16-row tile per
-    row set whatever M is (the row-invariant tile: a position's sums do not depend on M)."""
-    cfg = resolve_config(_rows(pending.residual), w_gate, split_k)
+def two_row_config(x: torch.Tensor, w: torch.Tensor, split_k: int | None = None, block_k: int | None = None
+                   ) -> dict[str, int]:
+    """A two-row-set GEMV's launch config for input rows x [M, K] (also `kernels.pending_sandwich`): `gemv_config`'s
+    tiles and split, one 16-row tile per row set whatever M is (the row-invariant tile: a position's sums do not
+    depend on M)."""
+    cfg = resolve_config(x, w, split_k, block_k)
     cfg["BLOCK_M"] = MAX_M
     return cfg
+
+
+def gate_config(pending: PendingAddNorm, w_gate: torch.Tensor, split_k: int | None = None) -> dict[str, int]:
+    """The gate GEMV's launch config (`two_row_config`)."""
+    return two_row_config(_rows(pending.residual), w_gate, split_k)
 
 
 def supports(pending: PendingAddNorm, w_gate: torch.Tensor) -> bool:

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from ._common import HAS_TRITON, cdiv, pdl_flags, tl, tl_dtype, triton
-from .gemv import MAX_M, resolve_config, weight_stream_flags
-from .pending_add_norm import post_factor
+from .gemv import MAX_M, weight_stream_flags
+from .pending_add_norm import post_factor, two_row_config
 
 N_SUMS = 4  # y^2, h^2, h * w_post * y, (w_post * y)^2
 
@@ -76,7 +76,6 @@ def pending_input_ref(p: PendingSandwich) -> tuple[torch.Tensor, torch.Tensor, t
     per position, coef [M, 2] their factors, so x @ W.T = sum_j coef[:, j] * (a[:, j] @ W.T))."""
     y, r = _rows(p.y).float(), _rows(p.residual).float()
     dt, H = p.y.dtype, y.shape[-1]
-
     wp, wn = (post_factor(w, H, p.plus_one, y.device) for w in (p.w_post, p.w_next))
     sc = p.scalar.float().reshape(()) if p.scalar is not None else torch.tensor(1.0)
     inv_y = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + p.eps)
@@ -95,7 +94,7 @@ if HAS_TRITON:
     from ._common import pdl_wait
     from .gemv import _w_tile
     from .pending_add_norm import _store_two_row_sets, _two_row_program
-    from .rmsnorm import _scale
+    from .rmsnorm import _h_values, _scale
 
     @triton.jit
     def _sandwich_tile(acc_a, acc_b, s_yy, s_hh, s_hb, s_bb, w, y_ptr, r_ptr, wpost_ptr, wnext_ptr, offs_m, m_ok,
@@ -197,30 +196,23 @@ if HAS_TRITON:
     def _store_pending_h(y_ptr, r_ptr, wpost_ptr, h_ptr, r, j, H, sym, srm, inv_y, sc, X_DTYPE: tl.constexpr,
                          HAS_WPOST: tl.constexpr, PLUS_ONE: tl.constexpr, HAS_SCALAR: tl.constexpr,
                          BLOCK: tl.constexpr):
-        """Columns [j * BLOCK, (j + 1) * BLOCK) of h' for position r: the sandwich kernel's formula."""
+        """Columns [j * BLOCK, (j + 1) * BLOCK) of h' for position r: the sandwich kernel's formula
+        (`kernels.rmsnorm._h_values`, on a [1, BLOCK] tile)."""
         cols = j * BLOCK + tl.arange(0, BLOCK)
         ok = cols < H
-        y = tl.load(y_ptr + r * sym + cols, mask=ok, other=0.0).to(tl.float32)
-        h = tl.load(r_ptr + r * srm + cols, mask=ok, other=0.0).to(tl.float32)
-        if HAS_WPOST:
-            wp = tl.load(wpost_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-            if PLUS_ONE:
-                wp = 1.0 + wp
-            n = (y * inv_y * wp).to(X_DTYPE).to(tl.float32)
-        else:
-            n = (y * inv_y).to(X_DTYPE).to(tl.float32)
-        out = (h + n).to(h_ptr.dtype.element_ty)
-        if HAS_SCALAR:
-            out = (out.to(tl.float32) * sc).to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + r * H + cols, out, mask=ok)
+        m = ok[None, :]
+        y = tl.load(y_ptr + r * sym + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        h = tl.load(r_ptr + r * srm + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        inv = tl.zeros([1], tl.float32) + inv_y
+        out = _h_values(y, h, inv, _scale(wpost_ptr, cols, ok, HAS_WPOST, PLUS_ONE), sc, X_DTYPE,
+                        h_ptr.dtype.element_ty, HAS_SCALAR)
+        tl.store(h_ptr + r * H + cols[None, :], out, mask=m)
 
 
 def gemv_config(p: PendingSandwich, w: torch.Tensor, split_k: int | None = None, block_k: int | None = None
                 ) -> dict[str, int]:
-    """`gemv_config`'s tiles and split for the [M, H] input, one 16-row tile per row set whatever M is."""
-    cfg = resolve_config(_rows(p.y), w, split_k, block_k)
-    cfg["BLOCK_M"] = MAX_M
-    return cfg
+    """The q/k/v GEMV's launch config (`kernels.pending_add_norm.two_row_config`)."""
+    return two_row_config(_rows(p.y), w, split_k, block_k)
 
 
 def launch_pending_gemv(p: PendingSandwich, w: torch.Tensor, split_k: int | None = None, block_k: int | None = None
@@ -233,7 +225,7 @@ def launch_pending_gemv(p: PendingSandwich, w: torch.Tensor, split_k: int | None
     cfg = gemv_config(p, w, split_k, block_k)
     split = cfg["SPLIT_K"]
     gpart = torch.empty(split, 2, M, N, dtype=torch.float32, device=y.device)
-    ss = torch.empty(split, 4, M, dtype=torch.float32, device=y.device)
+    ss = torch.empty(split, N_SUMS, M, dtype=torch.float32, device=y.device)
     flags = weight_stream_flags(y, w)
     flags["PREFETCH"] = min(2, flags["PREFETCH"])
     even_k = H % cfg["BLOCK_K"] == 0 and cfg["k_per_split"] % cfg["BLOCK_K"] == 0
